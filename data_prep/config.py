@@ -1,0 +1,49 @@
+"""Configuration of the data layer: where the official files are and how to shard them.
+
+Plain dataclasses with the defaults of the real OpenImages challenge; ``pipeline.config`` loads
+them from YAML (unknown keys are errors) and applies ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SplitFiles:
+    """The files of one split. Relative paths are resolved against ``DataConfig.root``."""
+
+    boxes: str | None = None  # box CSV, train (13 columns) or validation layout
+    labels: str | None = None  # image-level label CSV (verified positives and negatives)
+    images: str = ""  # directory or s3:// prefix holding {ImageID}.jpg
+
+
+@dataclass
+class DataConfig:
+    """Where the dataset lives (local paths or s3:// URIs) and where its shards go."""
+
+    root: str = "data/oid"
+    classes: str = "challenge-2019-classes-description-500.csv"
+    hierarchy: str = "challenge-2019-label500-hierarchy.json"
+    splits: dict[str, SplitFiles] = field(default_factory=dict)
+    shards: str = "shards/oid"  # output of `tsd prep`, input of training and evaluation
+    s3_endpoint_url: str | None = None  # any S3-compatible store; None = AWS (or $AWS_ENDPOINT_URL)
+
+
+@dataclass
+class PrepConfig:
+    """How `tsd prep` turns a split into webdataset shards."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    shard_size_mb: float = 1000.0  # target size of one tar shard
+    max_samples_per_shard: int | None = None  # optional cap on samples per shard
+    resize_short_side: int | None = None  # None: keep the original JPEG bytes (no re-encode)
+    resize_max_long_side: int | None = None  # cap on the long side when resizing
+    jpeg_quality: int = 90  # for images that must be re-encoded (resize, mode or EXIF conversion)
+    seed: int = 0  # seeded shuffle that assigns images to shards
+    expand_labels: bool = True  # add every ancestor of a box's class as a training target (OID recipe)
+    verify_decode: bool = False  # fully decode every image (slower; catches damage inside the JPEG data)
+    drop_duplicate_boxes: bool = True  # exact duplicate CSV rows are rejected (and counted)
+    keep_images_without_boxes: bool = True  # images with only image-level labels (hard negatives)
+    num_cpus_per_task: float = 1.0  # Ray resources of one shard-writing task
+    max_rejects_listed: int = 10_000  # per reason in the manifest; counts stay exact

@@ -1,0 +1,116 @@
+"""Checking and normalising one image before it goes into a shard.
+
+Cheap by default, so that sharding runs at close to ``tar`` speed: the JPEG header is parsed
+(size, mode, EXIF) and the end-of-image marker is checked, which catches empty, corrupt and
+truncated files without decoding the pixels. ``verify_decode`` adds a full decode for inputs
+that are suspected to be damaged inside. Images are re-encoded only when they must change:
+non-RGB modes (grayscale, CMYK, palette, alpha) are converted to RGB, an EXIF orientation is
+applied to the pixels, an optional resize bounds the short side. Everything else keeps its
+original bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageOps
+
+from data_prep import rejects as R
+
+EXIF_ORIENTATION = 0x0112
+JPEG_SOI = b"\xff\xd8"
+JPEG_EOI = b"\xff\xd9"
+EOI_SEARCH_WINDOW = 1 << 16  # some encoders append padding or metadata after the EOI marker
+
+
+class ImageRejected(Exception):
+    """The image cannot be used; ``reason`` is one of the reject reasons of ``rejects``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class CheckedImage:
+    data: bytes  # JPEG bytes to store
+    width: int
+    height: int
+    orig_width: int
+    orig_height: int
+    changes: list[str] = field(default_factory=list)
+
+
+def _target_size(width: int, height: int, short_side: int | None, max_long: int | None) -> tuple[int, int]:
+    scale = 1.0
+    if short_side is not None and min(width, height) > short_side:
+        scale = short_side / min(width, height)
+    if max_long is not None and max(width, height) * scale > max_long:
+        scale = max_long / max(width, height)
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def check_image(raw: bytes, resize_short_side: int | None = None, resize_max_long_side: int | None = None,
+                jpeg_quality: int = 90, verify_decode: bool = False) -> CheckedImage:
+    """Validate ``raw`` image bytes and return what to store; raises ``ImageRejected``."""
+    if len(raw) == 0:
+        raise ImageRejected(R.ZERO_SIZE_IMAGE, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            image.size  # noqa: B018 - header parsed by open()
+    except Exception as exc:  # PIL raises many types for unreadable headers
+        raise ImageRejected(R.CORRUPT_IMAGE, f"cannot read the image header ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {width}x{height}")
+    is_jpeg = image.format == "JPEG"
+    if is_jpeg and (not raw.startswith(JPEG_SOI) or raw.rfind(JPEG_EOI, -EOI_SEARCH_WINDOW) < 0):
+        raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")
+
+    changes: list[str] = []
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1) if is_jpeg else 1
+    target = _target_size(width, height, resize_short_side, resize_max_long_side)
+    must_convert = image.mode != "RGB" or not is_jpeg
+    must_rotate = orientation not in (1, None)
+    must_resize = target != (width, height) and not must_rotate
+    if not (must_convert or must_rotate or must_resize or verify_decode):
+        return CheckedImage(raw, width, height, width, height, changes)
+
+    try:
+        image.load()
+    except Exception as exc:
+        reason = R.TRUNCATED_IMAGE if "truncated" in str(exc).lower() else R.CORRUPT_IMAGE
+        raise ImageRejected(reason, f"cannot decode the pixels ({type(exc).__name__}: {exc})") from None
+    if not (must_convert or must_rotate or must_resize):
+        return CheckedImage(raw, width, height, width, height, changes)
+
+    if must_rotate:
+        image = ImageOps.exif_transpose(image)
+        changes.append(R.EXIF_ROTATED)
+    if image.mode != "RGB":
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            image = background
+        else:  # L, I;16, CMYK (Pillow already undoes Adobe's inverted CMYK), P without alpha
+            image = image.convert("RGB")
+        changes.append(R.CONVERTED_MODE)
+    elif not is_jpeg:
+        changes.append(R.CONVERTED_MODE)
+    orig_w, orig_h = image.size  # after orientation: the frame the annotations refer to
+    target = _target_size(orig_w, orig_h, resize_short_side, resize_max_long_side)
+    if target != image.size:
+        image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        changes.append(R.RESIZED)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=jpeg_quality)
+    return CheckedImage(out.getvalue(), image.size[0], image.size[1], orig_w, orig_h, changes)
+

@@ -1,0 +1,455 @@
+"""Readers for the official OpenImages annotation CSVs, built to scale to the 12.2M-row train file.
+
+Both box layouts (the 13-column train file and the short challenge-validation file) and both
+image-level label layouts are read by header name, streamed block by block with pyarrow into
+compact numpy arrays (int32 image code, int16 class, float32 box, int8 flags: ~27 bytes a row),
+never row by row in Python. Rows that cannot be used are rejected with file, line and reason.
+
+Boxes come out in the project's convention, normalized ``(x1, y1, x2, y2)``; the CSVs' own
+``XMin, XMax, YMin, YMax`` order is handled here and nowhere else (see ``boxes.py`` for pixels).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from data_prep import rejects as R
+from data_prep.errors import InputError
+from data_prep.labels import LabelSpace
+from data_prep.rejects import Reject, RejectLog
+from data_prep.storage import open_source
+
+BOX_REQUIRED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
+BOX_FLAGS = ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside")
+LABEL_REQUIRED = ("ImageID", "LabelName", "Confidence")
+BLOCK_SIZE = 16 << 20
+_NUMBER_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+
+
+class ImageCoder:
+    """Maps ImageID strings to dense int32 codes, shared by every file of a split."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self._code: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def code(self, image_id: str) -> int:
+        c = self._code.get(image_id)
+        if c is None:
+            c = self._code[image_id] = len(self.ids)
+            self.ids.append(image_id)
+        return c
+
+    def get(self, image_id: str, default: int = -1) -> int:
+        return self._code.get(image_id, default)
+
+    def truncate(self, n: int) -> None:
+        """Forget the codes from ``n`` on (undo a failed read)."""
+        for image_id in self.ids[n:]:
+            del self._code[image_id]
+        del self.ids[n:]
+
+    def encode(self, column: pa.Array) -> np.ndarray:
+        """Codes for a block's ImageID column; new ids get new codes in order of first appearance."""
+        uniques = pc.unique(column)
+        local = pc.index_in(column, value_set=uniques).to_numpy(zero_copy_only=False)
+        mapping = np.fromiter((self.code(s) for s in uniques.to_pylist()), dtype=np.int32, count=len(uniques))
+        return mapping[local.astype(np.int64)]
+
+
+@dataclass
+class _LineMap:
+    """Turns the index of a parsed data row back into its physical 1-based line number."""
+
+    skipped: list[int] = field(default_factory=list)  # physical lines dropped by the parser
+
+    def line(self, data_row: int) -> int:
+        line = data_row + 2  # header is line 1
+        for s in self.skipped:  # sorted; few
+            if s <= line:
+                line += 1
+            else:
+                break
+        return line
+
+
+def _open_reader(
+    uri: str,
+    types: dict[str, pa.DataType],
+    line_map: _LineMap,
+    log: RejectLog,
+    endpoint_url: str | None,
+    typed: bool,
+):
+    def on_invalid(row) -> str:
+        if row.number is not None:
+            bisect.insort(line_map.skipped, row.number)
+        log.add(
+            Reject(
+                R.MALFORMED_ROW,
+                uri,
+                f"expected {row.expected_columns} columns, got {row.actual_columns}: {row.text[:120]!r}",
+                line=row.number,
+            )
+        )
+        return "skip"
+
+    stream = open_source(uri, endpoint_url)
+    try:
+        return pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        if typed:
+            raise _SlowPath() from None
+        raise InputError(f"{uri}: cannot read as CSV ({exc})") from None
+
+
+def _header(uri: str, endpoint_url: str | None) -> list[str]:
+    with open_source(uri, endpoint_url) as f:
+        first = f.readline() if hasattr(f, "readline") else f.read(4096).split(b"\n")[0]
+    return [c.strip().strip('"') for c in first.decode("utf-8-sig").strip().split(",")]
+
+
+def _check_columns(uri: str, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputError(f"{uri}: missing column(s) {missing}; header is {header}")
+
+
+class _SlowPath(Exception):
+    """A numeric column holds a non-number: re-read the file with string columns, cell by cell."""
+
+
+def _numbers(column: pa.Array, allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """float32 values of a column (NaN where unusable) and a mask of the malformed cells.
+
+    Typed columns (the fast path) are already numbers. String columns (the slow path, taken only
+    when a file has a malformed cell) are matched against a number pattern; empty cells are
+    malformed unless ``allow_empty``.
+    """
+    if not pa.types.is_string(column.type):
+        values = pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        missing = np.isnan(values)
+        return values, (missing if not allow_empty else np.zeros(len(values), dtype=bool))
+    trimmed = pc.utf8_trim_whitespace(column)
+    ok = pc.fill_null(pc.match_substring_regex(trimmed, _NUMBER_RE), False).to_numpy(zero_copy_only=False)
+    cleaned = pc.if_else(pa.array(ok), trimmed, pa.scalar(None, pa.string()))
+    values = pc.cast(cleaned, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    bad = ~ok
+    if allow_empty:
+        bad &= pc.fill_null(pc.not_equal(trimmed, ""), True).to_numpy(zero_copy_only=False)
+    return values, bad
+
+
+@dataclass
+class BoxTable:
+    """All valid boxes of one file, grouped per image.
+
+    Row arrays are ordered by image code (stable: file order within an image); the boxes of the
+    image with code ``c`` are rows ``offsets[c]:offsets[c + 1]``.
+    """
+
+    image_code: np.ndarray  # int32 [N]
+    label: np.ndarray  # int16 [N]
+    boxes: np.ndarray  # float32 [N, 4], normalized x1, y1, x2, y2
+    flags: dict[str, np.ndarray]  # BOX_FLAGS -> int8 [N]; -1 = unknown / column absent
+    line: np.ndarray  # int64 [N] physical line in the source file
+    offsets: np.ndarray  # int64 [num_images + 1]
+    rows_read: int = 0
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def rows_of(self, code: int) -> slice:
+        """Rows of the image with ``code``; empty for images first seen in a later file."""
+        if code + 1 >= len(self.offsets):
+            return slice(0, 0)
+        return slice(int(self.offsets[code]), int(self.offsets[code + 1]))
+
+
+@dataclass
+class ImageLabelTable:
+    """Verified image-level labels grouped per image; ``positive`` is ``int(float(Confidence)) == 1``."""
+
+    image_code: np.ndarray  # int32 [M]
+    label: np.ndarray  # int16 [M]
+    positive: np.ndarray  # bool [M]
+    offsets: np.ndarray  # int64 [num_images + 1]
+    rows_read: int = 0
+
+    def rows_of(self, code: int) -> slice:
+        """Rows of the image with ``code``; empty for images first seen in a later file."""
+        if code + 1 >= len(self.offsets):
+            return slice(0, 0)
+        return slice(int(self.offsets[code]), int(self.offsets[code + 1]))
+
+
+def group_offsets(codes: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stable order that groups rows by code, and the ``[num_images + 1]`` offsets into it."""
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes, minlength=num_images)
+    offsets = np.zeros(num_images + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return order, offsets
+
+
+def _read_with_fallback(read_once, uri: str, images: ImageCoder, log: RejectLog):
+    """Run ``read_once(typed)`` on typed columns; on a malformed number, redo it on string columns."""
+    n_images = len(images)
+    attempt = RejectLog(log.max_records_per_reason)
+    try:
+        result = read_once(True, attempt)
+    except _SlowPath:
+        images.truncate(n_images)
+        attempt = RejectLog(log.max_records_per_reason)
+        result = read_once(False, attempt)
+    log.merge(attempt)
+    return result
+
+
+def _iter_batches(reader, uri: str, typed: bool):
+    try:
+        yield from reader
+    except pa.ArrowInvalid as exc:
+        if typed:
+            raise _SlowPath() from None
+        raise InputError(f"{uri}: cannot parse CSV ({exc})") from None
+
+
+def _column_types(header: list[str], numeric: tuple[str, ...], typed: bool) -> dict[str, pa.DataType]:
+    return {c: (pa.float32() if typed and c in numeric else pa.string()) for c in header}
+
+
+def read_boxes(
+    uri: str,
+    labels: LabelSpace,
+    images: ImageCoder,
+    log: RejectLog,
+    endpoint_url: str | None = None,
+    drop_duplicates: bool = True,
+) -> BoxTable:
+    """Read, validate and group a box CSV (either official layout)."""
+    header = _header(uri, endpoint_url)
+    _check_columns(uri, header, BOX_REQUIRED)
+    return _read_with_fallback(
+        lambda typed, attempt_log: _read_boxes_once(
+            uri, header, labels, images, attempt_log, endpoint_url, drop_duplicates, typed
+        ),
+        uri,
+        images,
+        log,
+    )
+
+
+def _read_boxes_once(
+    uri: str,
+    header: list[str],
+    labels: LabelSpace,
+    images: ImageCoder,
+    log: RejectLog,
+    endpoint_url: str | None,
+    drop_duplicates: bool,
+    typed: bool,
+) -> BoxTable:
+    coords = ("XMin", "XMax", "YMin", "YMax")
+    flags_present = [f for f in BOX_FLAGS if f in header]
+    line_map = _LineMap()
+    reader = _open_reader(
+        uri, _column_types(header, coords + tuple(flags_present), typed), line_map, log, endpoint_url, typed
+    )
+    mids = pa.array(labels.mids)
+
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("img", "lab", "box", "row", *flags_present)}
+    rows = 0
+    bad_rows: list[tuple[int, str, str, str]] = []  # (data row, reason, image id, detail)
+    for batch in _iter_batches(reader, uri, typed):
+        n = batch.num_rows
+        cols = {name: batch.column(name) for name in batch.schema.names}
+        img = images.encode(cols["ImageID"])
+        lab = pc.fill_null(pc.index_in(cols["LabelName"], value_set=mids), -1).to_numpy(zero_copy_only=False)
+        box = np.empty((n, 4), dtype=np.float32)
+        malformed = pc.equal(pc.utf8_length(cols["ImageID"]), 0).to_numpy(zero_copy_only=False)
+        # CSV order XMin, XMax, YMin, YMax -> project order x1, y1, x2, y2
+        for src, dst in zip(coords, (0, 2, 1, 3), strict=True):
+            box[:, dst], bad = _numbers(cols[src])
+            malformed |= bad
+        flag_values = {}
+        for f in flags_present:
+            v, bad = _numbers(cols[f], allow_empty=True)
+            malformed |= bad
+            flag_values[f] = np.where(np.isnan(v), -1, v).astype(np.int8)
+        unknown = (lab < 0) & ~malformed
+        outside = ~malformed & ((box < 0) | (box > 1)).any(axis=1)
+        degenerate = ~malformed & ~outside & ((box[:, 0] >= box[:, 2]) | (box[:, 1] >= box[:, 3]))
+        bad_mask = malformed | unknown | outside | degenerate
+        for i in np.flatnonzero(bad_mask):
+            if malformed[i]:
+                reason, detail = R.MALFORMED_ROW, "empty ImageID, or a coordinate/flag that is not a number"
+            elif unknown[i]:
+                reason, detail = (
+                    R.UNKNOWN_MID,
+                    f"LabelName {cols['LabelName'][i].as_py()!r} is not in the label space",
+                )
+            elif outside[i]:
+                reason, detail = R.BOX_OUTSIDE_IMAGE, f"box {_fmt(box[i])} (x1,y1,x2,y2) is outside [0,1]"
+            else:
+                reason, detail = R.DEGENERATE_BOX, f"box {_fmt(box[i])} (x1,y1,x2,y2) has min >= max"
+            bad_rows.append((rows + int(i), reason, cols["ImageID"][i].as_py(), detail))
+        keep = ~bad_mask
+        parts["img"].append(img[keep])
+        parts["lab"].append(lab[keep].astype(np.int16))
+        parts["box"].append(box[keep])
+        parts["row"].append(np.flatnonzero(keep).astype(np.int64) + rows)
+        for f in flags_present:
+            parts[f].append(flag_values[f][keep])
+        rows += n
+
+    for data_row, reason, image_id, detail in bad_rows:
+        log.add(Reject(reason, uri, detail, line=line_map.line(data_row), image_id=image_id))
+
+    def cat(key: str, dtype, shape=(0,)) -> np.ndarray:
+        return np.concatenate(parts[key]) if parts[key] else np.zeros(shape, dtype=dtype)
+
+    img = cat("img", np.int32)
+    lab = cat("lab", np.int16)
+    box = cat("box", np.float32, (0, 4))
+    data_row = cat("row", np.int64)
+    flags = {
+        f: (cat(f, np.int8) if f in flags_present else np.full(len(lab), -1, np.int8)) for f in BOX_FLAGS
+    }
+
+    order, offsets = group_offsets(img, len(images))
+    if not np.array_equal(order, np.arange(len(order))):  # the official files are already grouped
+        img, lab, box, data_row = img[order], lab[order], box[order], data_row[order]
+        flags = {k: v[order] for k, v in flags.items()}
+
+    if drop_duplicates and len(lab):
+        keep = _first_of_duplicates(img, lab, box, flags["IsGroupOf"])
+        if not keep.all():
+            for i in np.flatnonzero(~keep):
+                log.add(
+                    Reject(
+                        R.DUPLICATE_BOX,
+                        uri,
+                        "same image, class, box and group-of flag as an earlier row",
+                        line=line_map.line(int(data_row[i])),
+                        image_id=images.ids[img[i]],
+                    )
+                )
+            img, lab, box, data_row = img[keep], lab[keep], box[keep], data_row[keep]
+            flags = {k: v[keep] for k, v in flags.items()}
+            _, offsets = group_offsets(img, len(images))
+
+    lines = data_row + 2
+    if line_map.skipped:
+        lines = np.array([line_map.line(int(r)) for r in data_row], dtype=np.int64)
+    return BoxTable(img, lab, box, flags, lines, offsets, rows_read=rows)
+
+
+def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
+
+    One sort of a 64-bit row hash finds candidates; each candidate pair is then compared exactly,
+    so a hash collision never drops a row.
+    """
+    bits = box.view(np.uint32).astype(np.uint64)
+    h = img.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    columns = (lab.astype(np.uint64), bits[:, 0], bits[:, 1], bits[:, 2], bits[:, 3], group.astype(np.uint64))
+    with np.errstate(over="ignore"):
+        for k, col in enumerate(columns):
+            h ^= (col + np.uint64(k + 1)) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
+    order = np.argsort(h, kind="stable")  # equal hashes stay in row order
+    hs = h[order]
+    keep = np.ones(len(h), dtype=bool)
+    for j in np.flatnonzero(hs[1:] == hs[:-1]):
+        a, b = order[j], order[j + 1]
+        if img[a] == img[b] and lab[a] == lab[b] and group[a] == group[b] and np.array_equal(box[a], box[b]):
+            keep[b] = False
+    return keep
+
+
+def read_image_labels(
+    uri: str, labels: LabelSpace, images: ImageCoder, log: RejectLog, endpoint_url: str | None = None
+) -> ImageLabelTable:
+    """Read and group an image-level label CSV (with or without the ``Source`` column)."""
+    header = _header(uri, endpoint_url)
+    _check_columns(uri, header, LABEL_REQUIRED)
+    return _read_with_fallback(
+        lambda typed, attempt_log: _read_image_labels_once(
+            uri, header, labels, images, attempt_log, endpoint_url, typed
+        ),
+        uri,
+        images,
+        log,
+    )
+
+
+def _read_image_labels_once(
+    uri: str,
+    header: list[str],
+    labels: LabelSpace,
+    images: ImageCoder,
+    log: RejectLog,
+    endpoint_url: str | None,
+    typed: bool,
+) -> ImageLabelTable:
+    line_map = _LineMap()
+    reader = _open_reader(
+        uri, _column_types(header, ("Confidence",), typed), line_map, log, endpoint_url, typed
+    )
+    mids = pa.array(labels.mids)
+    imgs, labs, poss = [], [], []
+    rows = 0
+    bad_rows: list[tuple[int, str, str, str]] = []
+    for batch in _iter_batches(reader, uri, typed):
+        cols = {name: batch.column(name) for name in batch.schema.names}
+        img = images.encode(cols["ImageID"])
+        lab = pc.fill_null(pc.index_in(cols["LabelName"], value_set=mids), -1).to_numpy(zero_copy_only=False)
+        conf, bad = _numbers(cols["Confidence"])
+        bad |= pc.equal(pc.utf8_length(cols["ImageID"]), 0).to_numpy(zero_copy_only=False)
+        unknown = (lab < 0) & ~bad
+        for i in np.flatnonzero(bad | unknown):
+            if bad[i]:
+                reason, detail = (
+                    R.MALFORMED_ROW,
+                    f"empty ImageID or Confidence {cols['Confidence'][i].as_py()!r}",
+                )
+            else:
+                reason, detail = (
+                    R.UNKNOWN_MID,
+                    f"LabelName {cols['LabelName'][i].as_py()!r} is not in the label space",
+                )
+            bad_rows.append((rows + int(i), reason, cols["ImageID"][i].as_py(), detail))
+        keep = ~(bad | unknown)
+        imgs.append(img[keep])
+        labs.append(lab[keep].astype(np.int16))
+        # The official rule: positive iff int(float(Confidence)) == 1; anything else is negative.
+        poss.append(np.trunc(conf[keep]) == 1)
+        rows += batch.num_rows
+    for data_row, reason, image_id, detail in bad_rows:
+        log.add(Reject(reason, uri, detail, line=line_map.line(data_row), image_id=image_id))
+    img = np.concatenate(imgs) if imgs else np.zeros(0, np.int32)
+    lab = np.concatenate(labs) if labs else np.zeros(0, np.int16)
+    pos = np.concatenate(poss) if poss else np.zeros(0, bool)
+    order, offsets = group_offsets(img, len(images))
+    return ImageLabelTable(img[order], lab[order], pos[order], offsets, rows_read=rows)
+
+
+def _fmt(box: np.ndarray) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in box) + "]"

@@ -1,0 +1,352 @@
+"""The prep job: official OID files + images -> webdataset shards, index and manifest.
+
+Plan on the driver (read and validate the CSVs, list the images, assign images to shards with a
+seeded shuffle), then write every shard in its own Ray task; shards that an earlier run completed
+from the same plan are skipped, so a killed job resumes where it stopped. Finally the per-sample
+index (Parquet) and ``manifest.json`` (counts, every reject, class statistics, shard checksums)
+are published. The output may be a local directory or an ``s3://`` prefix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from data_prep import rejects as R
+from data_prep.config import DataConfig, PrepConfig
+from data_prep.errors import ConfigError, InputError
+from data_prep.hierarchy import Hierarchy
+from data_prep.labels import LabelSpace
+from data_prep.oid_files import (
+    BOX_FLAGS,
+    BoxTable,
+    ImageCoder,
+    ImageLabelTable,
+    read_boxes,
+    read_image_labels,
+)
+from data_prep.rejects import Reject, RejectLog
+from data_prep.shard import ImageSettings, ShardResult, ShardSpec, load_complete, write_shard
+from data_prep.storage import Storage, is_s3, join, open_storage, read_source
+
+CLASSES_FILE = "classes-description.csv"
+HIERARCHY_FILE = "label-hierarchy.json"
+MANIFEST_FILE = "manifest.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+VALID_IMAGE_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # webdataset keys must not contain dots
+TAR_OVERHEAD = 3 * 512 + 1024  # two tar headers, padding and a typical JSON member
+
+
+def index_name(split: str) -> str:
+    return f"{split}-index.parquet"
+
+
+def resolve(root: str, name: str) -> str:
+    """A file of the dataset: absolute paths and URIs as given, others relative to ``root``."""
+    if is_s3(name) or name.startswith("/"):
+        return name
+    return join(root, name)
+
+
+def load_label_space(data: DataConfig) -> tuple[LabelSpace, Hierarchy]:
+    uri = resolve(data.root, data.classes)
+    labels = LabelSpace.from_csv_text(read_source(uri, data.s3_endpoint_url).decode("utf-8-sig"), uri)
+    huri = resolve(data.root, data.hierarchy)
+    hierarchy = Hierarchy.from_json_text(read_source(huri, data.s3_endpoint_url).decode("utf-8"), huri)
+    return labels, hierarchy
+
+
+@dataclass
+class SplitPlan:
+    split: str
+    shards: list[ShardSpec]
+    images: Storage
+    log: RejectLog
+    counts: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, str | None] = field(default_factory=dict)
+
+
+def list_images(images: Storage, log: RejectLog) -> dict[str, tuple[str, int]]:
+    """ImageID -> (object name, size) of every image file; a second file for one id is rejected."""
+    found: dict[str, tuple[str, int]] = {}
+    for info in sorted(images.list(), key=lambda o: o.name):
+        base = info.name.rsplit("/", 1)[-1]
+        stem, dot, ext = base.rpartition(".")
+        if not dot or "." + ext.lower() not in IMAGE_EXTENSIONS or base.startswith("."):
+            continue
+        if stem in found:
+            log.add(Reject(R.DUPLICATE_IMAGE_ID, images.uri(info.name),
+                           f"a second file for ImageID {stem}; keeping {found[stem][0]}", image_id=stem))
+            continue
+        found[stem] = (info.name, info.size)
+    return found
+
+
+def _gather(offsets: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the groups ``codes`` (concatenated in order) and the count of each group."""
+    padded = np.concatenate([offsets, np.full(max(0, int(codes.max(initial=-1)) + 2 - len(offsets)),
+                                                offsets[-1] if len(offsets) else 0)])
+    starts, ends = padded[codes], padded[codes + 1]
+    counts = (ends - starts).astype(np.int32)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64), counts
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return np.arange(total, dtype=np.int64) + shift, counts
+
+
+def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpace) -> SplitPlan:
+    """Read and validate one split's files and assign its images to shards (deterministic)."""
+    if split not in data.splits:
+        raise ConfigError(f"data.splits has no split '{split}' (configured: {sorted(data.splits)})")
+    files = data.splits[split]
+    if not files.boxes and not files.labels:
+        raise ConfigError(f"data.splits.{split}: give 'boxes' and/or 'labels'")
+    log = RejectLog(prep.max_rejects_listed)
+    coder = ImageCoder()
+    ep = data.s3_endpoint_url
+    inputs = {"boxes": resolve(data.root, files.boxes) if files.boxes else None,
+              "labels": resolve(data.root, files.labels) if files.labels else None,
+              "images": resolve(data.root, files.images)}
+    boxes: BoxTable | None = None
+    image_labels: ImageLabelTable | None = None
+    if inputs["boxes"]:
+        boxes = read_boxes(inputs["boxes"], labels, coder, log, ep, prep.drop_duplicate_boxes)
+    if inputs["labels"]:
+        image_labels = read_image_labels(inputs["labels"], labels, coder, log, ep)
+    n = len(coder)
+    box_count = np.zeros(n, np.int64) if boxes is None else np.diff(np.pad(boxes.offsets, (0, n + 1 - len(boxes.offsets)), mode="edge"))
+    label_count = (np.zeros(n, np.int64) if image_labels is None
+                   else np.diff(np.pad(image_labels.offsets, (0, n + 1 - len(image_labels.offsets)), mode="edge")))
+
+    images = open_storage(inputs["images"], ep)
+    files_found = list_images(images, log)
+    wanted = (box_count > 0) | ((label_count > 0) & prep.keep_images_without_boxes)
+    planned: list[int] = []
+    for code in np.flatnonzero(wanted):
+        image_id = coder.ids[code]
+        if not VALID_IMAGE_ID.match(image_id):
+            log.add(Reject(R.BAD_IMAGE_ID, inputs["boxes"] or inputs["labels"] or "",
+                           "ImageID must be letters, digits, '_' or '-' (it becomes a webdataset key)",
+                           image_id=image_id))
+        elif image_id not in files_found:
+            log.add(Reject(R.MISSING_IMAGE, images.uri(""), f"no file {image_id}.jpg for an annotated image",
+                           image_id=image_id))
+        else:
+            planned.append(int(code))
+    # Deterministic assignment: sort by ImageID, then a seeded shuffle.
+    planned.sort(key=lambda c: coder.ids[c])
+    order = np.random.default_rng(prep.seed).permutation(len(planned))
+    codes = np.array(planned, dtype=np.int64)[order] if planned else np.zeros(0, np.int64)
+
+    settings = image_settings(prep)
+    target = prep.shard_size_mb * 1e6
+    shards: list[ShardSpec] = []
+    start, acc = 0, 0.0
+    sizes = [files_found[coder.ids[c]][1] for c in codes]
+    for i, size in enumerate(sizes):
+        acc += size + TAR_OVERHEAD
+        full = acc >= target or (prep.max_samples_per_shard and i + 1 - start >= prep.max_samples_per_shard)
+        if full or i == len(sizes) - 1:
+            shards.append(_make_spec(split, len(shards), codes[start : i + 1], coder, files_found, boxes,
+                                     image_labels, settings, sizes[start : i + 1]))
+            start, acc = i + 1, 0.0
+    counts = {
+        "box_rows_read": boxes.rows_read if boxes else 0,
+        "box_rows_kept": len(boxes) if boxes else 0,
+        "label_rows_read": image_labels.rows_read if image_labels else 0,
+        "label_rows_kept": len(image_labels.label) if image_labels else 0,
+        "images_annotated": int(wanted.sum()),
+        "images_without_usable_annotations": int(n - wanted.sum()),
+        "image_files_found": len(files_found),
+        "image_files_not_annotated": len(set(files_found) - set(coder.ids)),
+        "images_planned": len(codes),
+    }
+    return SplitPlan(split, shards, images, log, counts, inputs)
+
+
+def image_settings(prep: PrepConfig) -> ImageSettings:
+    return ImageSettings(prep.resize_short_side, prep.resize_max_long_side, prep.jpeg_quality,
+                         prep.verify_decode, prep.expand_labels)
+
+
+def _make_spec(split: str, index: int, codes: np.ndarray, coder: ImageCoder, files: dict[str, tuple[str, int]],
+               boxes: BoxTable | None, image_labels: ImageLabelTable | None, settings: ImageSettings,
+               sizes: list[int]) -> ShardSpec:
+    if boxes is not None:
+        rows, box_counts = _gather(boxes.offsets, codes)
+        box_label, box_norm = boxes.label[rows], boxes.boxes[rows]
+        box_flags = np.stack([boxes.flags[f][rows] for f in BOX_FLAGS], axis=1)
+    else:
+        box_counts = np.zeros(len(codes), np.int32)
+        box_label, box_norm, box_flags = np.zeros(0, np.int16), np.zeros((0, 4), np.float32), np.zeros((0, 5), np.int8)
+    if image_labels is not None:
+        lrows, label_counts = _gather(image_labels.offsets, codes)
+        image_label, positive = image_labels.label[lrows], image_labels.positive[lrows]
+    else:
+        label_counts = np.zeros(len(codes), np.int32)
+        image_label, positive = np.zeros(0, np.int16), np.zeros(0, bool)
+    ids = [coder.ids[c] for c in codes]
+    spec = ShardSpec(split, index, ids, [files[i][0] for i in ids], box_counts, box_label, box_norm, box_flags,
+                     label_counts, image_label, positive)
+    spec.fingerprint = spec.compute_fingerprint(settings, sizes)
+    return spec
+
+
+def _run_tasks(plan: SplitPlan, out: Storage, settings: ImageSettings, up: np.ndarray, prep: PrepConfig,
+               progress: bool) -> list[ShardResult]:
+    import ray
+    from tqdm import tqdm
+
+    results: dict[int, ShardResult] = {}
+    todo = []
+    for spec in plan.shards:
+        done = load_complete(spec, out)
+        if done is not None:
+            results[spec.index] = done
+        else:
+            todo.append(spec)
+    task = ray.remote(num_cpus=prep.num_cpus_per_task, max_retries=2)(write_shard)
+    up_ref = ray.put(up)
+    pending = {task.remote(spec, plan.images, out, settings, up_ref): spec.index for spec in todo}
+    bar = tqdm(total=len(plan.shards), initial=len(results), desc=f"prep {plan.split} shards", unit="shard",
+               disable=not progress)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                pending.pop(ref)
+                result = ray.get(ref)
+                results[result.index] = result
+                bar.update(1)
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    return [results[i] for i in sorted(results)]
+
+
+def _write_index(out: Storage, split: str, results: list[ShardResult]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [s for r in results for s in r.samples]
+    table = pa.table({
+        "key": pa.array([s["key"] for s in rows], pa.string()),
+        "shard": pa.array([s["shard"] for s in rows], pa.string()),
+        "shard_index": pa.array([r.index for r in results for _ in r.samples], pa.int32()),
+        "jpg_offset": pa.array([s["jpg_offset"] for s in rows], pa.int64()),
+        "jpg_size": pa.array([s["jpg_size"] for s in rows], pa.int64()),
+        "json_offset": pa.array([s["json_offset"] for s in rows], pa.int64()),
+        "json_size": pa.array([s["json_size"] for s in rows], pa.int64()),
+        "width": pa.array([s["width"] for s in rows], pa.int32()),
+        "height": pa.array([s["height"] for s in rows], pa.int32()),
+        "labels": pa.array([s["labels"] for s in rows], pa.list_(pa.int16())),
+        "num_boxes": pa.array([s["num_boxes"] for s in rows], pa.int32()),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out.put_bytes(index_name(split), buf.getvalue())
+    return len(rows)
+
+
+def _class_stats(labels: LabelSpace, results: list[ShardResult]) -> list[dict]:
+    boxes = np.zeros(len(labels), np.int64)
+    images = np.zeros(len(labels), np.int64)
+    for r in results:
+        for s in r.samples:
+            images[s["labels"]] += 1
+        for k, v in r.box_counts.items():
+            boxes[int(k)] += v
+    return [{"index": i, "mid": labels.mids[i], "name": labels.names[i], "boxes": int(boxes[i]),
+             "images": int(images[i])} for i in range(len(labels))]
+
+
+def run_prep(data: DataConfig, prep: PrepConfig, address: str | None = None, progress: bool = True,
+             resolved_config: str | None = None) -> dict:
+    """Run the whole job for ``prep.splits``; returns the manifest (also written to the output)."""
+    from data_prep.ray_runtime import init_ray, shutdown_ray
+
+    labels, hierarchy = load_label_space(data)
+    missing, _extra = hierarchy.check_label_space(labels)
+    if missing and prep.expand_labels:
+        raise InputError(f"{resolve(data.root, data.hierarchy)}: {len(missing)} classes of the label space are "
+                         f"not in the hierarchy (first: {missing[0]}); fix the files or set prep.expand_labels=false")
+    up = hierarchy.ancestor_matrix(labels)
+    out = open_storage(data.shards, data.s3_endpoint_url)
+    out.put_bytes(CLASSES_FILE, labels.to_csv_text().encode())
+    out.put_bytes(HIERARCHY_FILE, read_source(resolve(data.root, data.hierarchy), data.s3_endpoint_url))
+    if resolved_config is not None:
+        out.put_bytes("prep-config.yaml", resolved_config.encode())
+    manifest = _read_manifest(out)
+    manifest.update({
+        "format": "tsd-oid shards v1",
+        "output": out.uri(""),
+        "classes_file": CLASSES_FILE,
+        "hierarchy_file": HIERARCHY_FILE,
+        "num_classes": len(labels),
+        "prep": asdict(prep),
+    })
+    settings = image_settings(prep)
+    started = init_ray(address)
+    try:
+        for split in prep.splits:
+            t0 = time.perf_counter()
+            plan = plan_split(data, prep, split, labels)
+            results = _run_tasks(plan, out, settings, up, prep, progress)
+            written = _write_index(out, split, results)
+            for r in results:
+                plan.log.extend([Reject(**d) for d in r.rejects])
+            changes: dict[str, int] = {}
+            for r in results:
+                for k, v in r.changes.items():
+                    changes[k] = changes.get(k, 0) + v
+            counts = dict(plan.counts)
+            counts["images_written"] = written
+            counts["boxes_written"] = int(sum(s["num_boxes"] for r in results for s in r.samples))
+            counts["shards"] = len(results)
+            counts["shards_skipped_complete"] = sum(r.skipped for r in results)
+            manifest.setdefault("splits", {})[split] = {
+                "inputs": plan.inputs,
+                "index": index_name(split),
+                "counts": counts,
+                "rejects": plan.log.to_json(),
+                "changes": dict(sorted(changes.items())),
+                "classes": _class_stats(labels, results),
+                "shards": [{"name": r.name, "samples": len(r.samples), "bytes": r.bytes, "sha256": r.sha256}
+                           for r in results],
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            out.put_bytes(MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=False).encode())
+    finally:
+        shutdown_ray(started)
+    return manifest
+
+
+def _read_manifest(out: Storage) -> dict:
+    if not out.exists(MANIFEST_FILE):
+        return {}
+    try:
+        return json.loads(out.read_bytes(MANIFEST_FILE))
+    except ValueError:
+        return {}
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """A short human summary of a manifest, one line per split."""
+    lines = [f"shards in {manifest.get('output')} ({manifest.get('num_classes')} classes)"]
+    for split, s in manifest.get("splits", {}).items():
+        c = s["counts"]
+        rejected = s["rejects"]["counts"]
+        lines.append(
+            f"  {split}: {c['images_written']} images, {c['boxes_written']} boxes in {c['shards']} shards "
+            f"({c['shards_skipped_complete']} already complete); rejects: "
+            + (", ".join(f"{k}={v}" for k, v in rejected.items()) or "none")
+            + (f"; changed: {', '.join(f'{k}={v}' for k, v in s['changes'].items())}" if s["changes"] else "")
+        )
+    return lines

@@ -1,0 +1,33 @@
+"""Starting or joining Ray for a job, with an embedded local Ray kept on loopback.
+
+With no address, a local Ray is started on this machine; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+makes it single-machine so that every Ray listener binds to 127.0.0.1 only (a plain
+``ray.init()`` listens on every interface). With an address (``auto``, ``ray://host:10001`` or a
+GCS address) the job joins that cluster and the environment is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Make sure Ray is initialised; returns True when this call started it (so it should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+    return True
+
+
+def shutdown_ray(started: bool) -> None:
+    if started:
+        import ray
+
+        ray.shutdown()

@@ -1,0 +1,301 @@
+"""One interface over a local directory and an S3 prefix (``s3://bucket/prefix``).
+
+Every write is atomic: a local file is written to a temporary name in the same directory and
+renamed; an S3 object is written with one ``put_object`` or a multipart upload that is completed
+only after its last part, so a reader never sees a half-written object. Credentials come from
+boto3's standard chain and are never logged; ``endpoint_url`` (or ``AWS_ENDPOINT_URL``) selects
+any S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from data_prep.errors import InputError
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNK = 64 * 1024 * 1024
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise InputError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
+    return bucket, key.strip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/' for S3 and the OS separator for local paths."""
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]])
+    return str(Path(base, *parts))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str  # relative to the storage root
+    size: int
+
+
+class Storage:
+    """Read, list and atomically write objects under one root (local directory or S3 prefix)."""
+
+    root: str
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def read_bytes(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def size(self, name: str) -> int:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose name starts with ``prefix`` (recursive), in no particular order."""
+        raise NotImplementedError
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_file(self, name: str, local_path: str | os.PathLike) -> None:
+        """Atomically publish a finished local file under ``name``."""
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def uri(self, name: str) -> str:
+        return join(self.root, name) if name else self.root
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = str(root)
+        self._root = Path(root)
+
+    def _path(self, name: str) -> Path:
+        return self._root / name if name else self._root
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"{self._path(name)}: no such file") from None
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        with open(self._path(name), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def size(self, name: str) -> int:
+        return self._path(name).stat().st_size
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self._path(prefix) if prefix and self._path(prefix).is_dir() else self._root
+        if not base.exists():
+            return
+        stack = [base]
+        while stack:
+            directory = stack.pop()
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=True):
+                        stack.append(Path(entry.path))
+                        continue
+                    name = os.path.relpath(entry.path, self._root).replace(os.sep, "/")
+                    if name.startswith(prefix.rstrip("/")) or not prefix:
+                        yield ObjectInfo(name, entry.stat().st_size)
+
+    def _atomic_write(self, name: str, writer) -> None:
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self._atomic_write(name, lambda f: f.write(data))
+
+    def put_file(self, name: str, local_path: str | os.PathLike) -> None:
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(local_path, target)  # same filesystem: an atomic rename
+        except OSError:
+            with open(local_path, "rb") as src:
+                self._atomic_write(name, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def staging_dir(self) -> str:
+        """A directory on the same filesystem as the outputs, so that publishing is a rename."""
+        path = self._root / ".staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+
+class S3Storage(Storage):
+    def __init__(self, root: str, endpoint_url: str | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.bucket, self.prefix = split_s3(root)
+        self.endpoint_url = endpoint_url
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_client"] = None  # boto3 clients do not pickle; each process makes its own
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url or None)
+        return self._client
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def read_bytes(self, name: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey"):
+                raise InputError(f"{self.uri(name)}: no such object") from None
+            raise
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        rng = f"bytes={offset}-{offset + length - 1}"
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(name), Range=rng)["Body"].read()
+
+    def size(self, name: str) -> int:
+        return int(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]))
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+
+    def put_file(self, name: str, local_path: str | os.PathLike) -> None:
+        size = os.path.getsize(local_path)
+        key = self._key(name)
+        if size <= MULTIPART_THRESHOLD:
+            with open(local_path, "rb") as f:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
+            return
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        parts = []
+        try:
+            with open(local_path, "rb") as f:
+                number = 1
+                while chunk := f.read(MULTIPART_CHUNK):
+                    etag = self.client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload["UploadId"],
+                        PartNumber=number,
+                        Body=chunk,
+                    )["ETag"]
+                    parts.append({"PartNumber": number, "ETag": etag})
+                    number += 1
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
+            raise
+        finally:
+            Path(local_path).unlink(missing_ok=True)
+
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+    def staging_dir(self) -> str:
+        return tempfile.gettempdir()
+
+
+def open_storage(root: str | os.PathLike, endpoint_url: str | None = None) -> Storage:
+    """A ``Storage`` for a local directory or an ``s3://bucket/prefix`` URI."""
+    root = str(root)
+    if is_s3(root):
+        return S3Storage(root, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+    return LocalStorage(root)
+
+
+def read_source(uri: str, endpoint_url: str | None = None) -> bytes:
+    """Read one whole file given by a local path or an S3 URI."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        parent, _, name = key.rpartition("/")
+        return S3Storage(f"s3://{bucket}/{parent}", endpoint_url).read_bytes(name)
+    path = Path(uri)
+    if not path.is_file():
+        raise InputError(f"{uri}: no such file")
+    return path.read_bytes()
+
+
+def open_source(uri: str, endpoint_url: str | None = None) -> BinaryIO:
+    """A readable binary stream over a local file or an S3 object (streamed, not buffered whole)."""
+    if is_s3(uri):
+        import boto3
+
+        bucket, key = split_s3(uri)
+        client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"]
+        except client.exceptions.NoSuchKey:
+            raise InputError(f"{uri}: no such object") from None
+    if not Path(uri).is_file():
+        raise InputError(f"{uri}: no such file")
+    return open(uri, "rb")

@@ -1,0 +1,100 @@
+"""The ``tsd`` command line: one subcommand per job of the pipeline.
+
+Errors a user can fix are printed as one line naming the file, row or key, with a non-zero exit
+code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from data_prep.errors import TsdError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML experiment file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set prep.seed=3 (repeatable)")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from data_prep.synthetic import generate
+
+    summary = generate(args.out, num_train=args.num_train, num_validation=args.num_validation, seed=args.seed,
+                       progress=not args.quiet)
+    Path(args.out, "synth-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for split, s in summary["splits"].items():
+        print(f"{split}: {s['images_count']} images, {s['boxes_count']} boxes, "
+              f"{s['image_labels_count']} image-level labels -> {Path(args.out, s['images'])}")
+    return 0
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    from data_prep.prep import run_prep, summary_lines
+    from pipeline.config import dump_config, load_config
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"data.shards={args.output}")
+    if args.s3_endpoint_url:
+        overrides.append(f"data.s3_endpoint_url={args.s3_endpoint_url}")
+    if args.split:
+        overrides.append(f"prep.splits=[{','.join(args.split)}]")
+    cfg = load_config(args.config, overrides)
+    manifest = run_prep(cfg.data, cfg.prep, address=args.address, progress=not args.quiet,
+                        resolved_config=dump_config(cfg))
+    for line in summary_lines(manifest):
+        print(line)
+    print(f"manifest: {manifest['output'].rstrip('/')}/manifest.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tsd", description="TSD object detectors on OpenImages, on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a small synthetic dataset in the official OID formats")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-train", type=int, default=200)
+    p.add_argument("--num-validation", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prep", help="shard the OID files and images into webdataset tars (Ray tasks)")
+    _add_config_args(p)
+    p.add_argument("--split", action="append", help="split(s) to prepare (default: prep.splits)")
+    p.add_argument("--output", help="local dir or s3://bucket/prefix (overrides data.shards)")
+    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (overrides data.s3_endpoint_url)")
+    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except TsdError as exc:
+        if args.debug:
+            raise
+        print(f"tsd {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"tsd {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
