@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 from pathlib import Path
@@ -20,6 +21,10 @@ OIDV6_HIERARCHY = FIXTURES / "oidv6" / "bbox_labels_600_hierarchy.json"
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Credentials for the moto S3 server; set before any Ray worker starts so that workers inherit them.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"})
+os.environ.pop("AWS_PROFILE", None)
 
 
 def require_fixtures() -> None:
@@ -47,8 +52,7 @@ def s3_server():
     """A real S3 endpoint: moto's server on 127.0.0.1, used through boto3 with endpoint_url."""
     from moto.server import ThreadedMotoServer
 
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
@@ -65,3 +69,21 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+def tiny_config(synth_root, shards, *overrides: str):
+    """The bundled tiny config pointed at a synthetic dataset and an output location."""
+    from pipeline.config import load_config
+
+    return load_config(REPO / "configs" / "tiny.yaml",
+                       [f"data.root={synth_root}", f"data.shards={shards}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray (2 CPUs, loopback only) shared by a test module."""
+    from data_prep.ray_runtime import init_ray, shutdown_ray
+
+    started = init_ray(None, num_cpus=2)
+    yield
+    shutdown_ray(started)

@@ -1,0 +1,50 @@
+"""The config system: strict YAML -> dataclasses, --set overrides, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_prep.errors import ConfigError
+from pipeline.config import ExperimentConfig, dump_config, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig) and cfg.name != "experiment"
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(dump_config(cfg))
+    assert load_config(resolved) == cfg
+
+
+def test_unknown_key_names_its_path_and_a_suggestion(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("prep:\n  shard_sise_mb: 3\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: unknown config key 'prep.shard_sise_mb' \(did you mean 'shard_size_mb'\?\)"):
+        load_config(path)
+
+
+def test_wrong_types_are_errors():
+    with pytest.raises(ConfigError, match=r"prep.seed: expected an integer, got 'x'"):
+        load_config(None, ["prep.seed=x"])
+    with pytest.raises(ConfigError, match=r"prep.expand_labels: expected true/false"):
+        load_config(None, ["prep.expand_labels=3"])
+    with pytest.raises(ConfigError, match=r"data.splits.train.imags"):
+        load_config(None, ["data.splits.train.imags=x"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["prep.seed"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent.yaml")
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["prep.seed=7", "prep.splits=[train]", "prep.shard_size_mb=0.5",
+                                              "prep.resize_short_side=null", "data.splits.extra.images=x"])
+    assert cfg.prep.seed == 7 and cfg.prep.splits == ["train"] and cfg.prep.shard_size_mb == 0.5
+    assert cfg.prep.resize_short_side is None
+    assert cfg.data.splits["extra"].images == "x" and cfg.data.splits["extra"].boxes is None
+    assert cfg.data.splits["train"].boxes == "train-annotations-bbox.csv"

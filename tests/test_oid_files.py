@@ -1,0 +1,152 @@
+"""The official CSV readers: both layouts, header-order independence, and every bad-row case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_prep import rejects as R
+from data_prep.errors import InputError
+from data_prep.labels import LabelSpace
+from data_prep.oid_files import ImageCoder, read_boxes, read_image_labels
+from data_prep.rejects import RejectLog
+
+LABELS = LabelSpace.from_pairs([("/m/a", "A"), ("/m/b", "B"), ("/m/c", "C")])
+TRAIN_HEADER = "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"
+
+
+def _write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _read(path: str, **kw):
+    coder, log = ImageCoder(), RejectLog()
+    return read_boxes(path, LABELS, coder, log, **kw), coder, log
+
+
+def test_train_layout_is_parsed_into_xyxy_and_grouped(tmp_path):
+    path = _write(tmp_path, "train.csv", "\n".join([
+        TRAIN_HEADER,
+        "img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,1,0,0,0,0",
+        "img2,xclick,/m/b,1,0.0,1.0,0.0,1.0,0,1,1,0,1",
+        "img1,xclick,/m/c,1,0.3,0.4,0.35,0.45,0,0,0,1,0",
+    ]) + "\n")
+    table, coder, log = _read(path)
+    assert len(log) == 0 and table.rows_read == 3
+    assert coder.ids == ["img1", "img2"]
+    img1 = table.rows_of(coder.get("img1"))
+    np.testing.assert_allclose(table.boxes[img1], [[0.1, 0.2, 0.5, 0.6], [0.3, 0.35, 0.4, 0.45]], rtol=1e-6)
+    assert table.label[img1].tolist() == [0, 2]  # file order within an image
+    assert table.flags["IsOccluded"][img1].tolist() == [1, 0]
+    assert table.flags["IsDepiction"][img1].tolist() == [0, 1]
+    img2 = table.rows_of(coder.get("img2"))
+    assert table.flags["IsGroupOf"][img2].tolist() == [1] and table.flags["IsInside"][img2].tolist() == [1]
+    assert table.line[img1].tolist() == [2, 4]
+
+
+def test_validation_layout_any_column_order_missing_flags_are_unknown(tmp_path):
+    path = _write(tmp_path, "val.csv", "LabelName,XMax,ImageID,YMin,XMin,YMax,IsGroupOf\n/m/b,0.9,v1,0.2,0.1,0.8,1\n")
+    table, coder, log = _read(path)
+    np.testing.assert_allclose(table.boxes, [[0.1, 0.2, 0.9, 0.8]], rtol=1e-6)
+    assert table.label.tolist() == [1]
+    assert table.flags["IsGroupOf"].tolist() == [1]
+    assert table.flags["IsOccluded"].tolist() == [-1]
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    path = _write(tmp_path, "bad.csv", "ImageID,LabelName,XMin,XMax,YMin\nx,/m/a,0,1,0\n")
+    with pytest.raises(InputError, match=r"bad.csv: missing column\(s\) \['YMax'\]"):
+        _read(path)
+
+
+@pytest.mark.parametrize("row, reason", [
+    ("img1,xclick,/m/zzz,1,0.1,0.5,0.2,0.6,0,0,0,0,0", R.UNKNOWN_MID),
+    ("img1,xclick,/m/a,1,0.1,1.5,0.2,0.6,0,0,0,0,0", R.BOX_OUTSIDE_IMAGE),
+    ("img1,xclick,/m/a,1,-0.1,0.5,0.2,0.6,0,0,0,0,0", R.BOX_OUTSIDE_IMAGE),
+    ("img1,xclick,/m/a,1,0.5,0.5,0.2,0.6,0,0,0,0,0", R.DEGENERATE_BOX),
+    ("img1,xclick,/m/a,1,0.1,0.5,0.7,0.6,0,0,0,0,0", R.DEGENERATE_BOX),
+    ("img1,xclick,/m/a,1,abc,0.5,0.2,0.6,0,0,0,0,0", R.MALFORMED_ROW),
+    ("img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,yes,0,0", R.MALFORMED_ROW),
+    ("img1,xclick,/m/a,1,0.1,0.5,0.2", R.MALFORMED_ROW),
+    (",xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0", R.MALFORMED_ROW),
+    ("img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0", R.DUPLICATE_BOX),
+])
+def test_bad_rows_are_rejected_with_file_and_line_and_the_rest_kept(tmp_path, row, reason):
+    path = _write(tmp_path, "boxes.csv", "\n".join([
+        TRAIN_HEADER,
+        "img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0",
+        row,
+        "img2,xclick,/m/b,1,0.2,0.4,0.2,0.4,0,0,0,0,0",
+    ]) + "\n")
+    table, coder, log = _read(path)
+    assert dict(log.counts) == {reason: 1}
+    (reject,) = log.records
+    assert reject.line == 3 and reject.file == path and reason in str(reject)
+    assert len(table) == 2  # the good rows around it survive
+    assert table.line.tolist() == [2, 4]
+
+
+def test_line_numbers_stay_right_after_a_short_row(tmp_path):
+    path = _write(tmp_path, "boxes.csv", "\n".join([
+        TRAIN_HEADER,
+        "img1,xclick",
+        "img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0",
+        "img1,xclick,/m/zzz,1,0.1,0.5,0.2,0.6,0,0,0,0,0",
+    ]) + "\n")
+    _, _, log = _read(path)
+    lines = sorted((r.reason, r.line) for r in log.records)
+    assert lines == [(R.MALFORMED_ROW, 2), (R.UNKNOWN_MID, 4)]
+
+
+def test_many_blocks_and_many_images(tmp_path, monkeypatch):
+    import data_prep.oid_files as oid_files
+
+    monkeypatch.setattr(oid_files, "BLOCK_SIZE", 4096)  # force many streaming blocks
+    rng = np.random.default_rng(0)
+    n = 5000
+    image_of_row = np.sort(rng.integers(0, 800, n))
+    rows = [TRAIN_HEADER] + [
+        f"i{k:05d},xclick,/m/{'abc'[k % 3]},1,0.1,0.{5 + r % 4},0.2,0.6,0,0,0,0,0"
+        for r, k in enumerate(image_of_row)
+    ]
+    rows[1234] = rows[1234].replace("/m/", "/m/zz")
+    path = _write(tmp_path, "big.csv", "\n".join(rows) + "\n")
+    table, coder, log = _read(path, drop_duplicates=False)
+    assert table.rows_read == n and len(table) == n - 1
+    assert log.records[0].line == 1235
+    counts = np.diff(table.offsets)
+    expected = np.bincount(image_of_row, minlength=800)
+    expected[image_of_row[1233]] -= 1
+    assert counts.tolist() == expected[np.unique(image_of_row)].tolist()
+
+
+def test_image_labels_both_layouts_and_the_official_positive_rule(tmp_path):
+    long = _write(tmp_path, "labels.csv", "ImageID,Source,LabelName,Confidence\n"
+                  "i1,verification,/m/a,1\ni1,verification,/m/b,0\ni2,crowdsource,/m/c,0.9\n"
+                  "i2,verification,/m/a,1.0\ni3,verification,/m/q,1\ni3,verification,/m/b,x\n")
+    short = _write(tmp_path, "labels_val.csv", "ImageID,LabelName,Confidence\ni1,/m/a,1\ni1,/m/b,0.5\n")
+    for path, n_rejects in ((long, 2), (short, 0)):
+        coder, log = ImageCoder(), RejectLog()
+        table = read_image_labels(path, LABELS, coder, log)
+        assert len(log) == n_rejects
+        i1 = table.rows_of(coder.get("i1"))
+        assert table.label[i1].tolist() == [0, 1] and table.positive[i1].tolist() == [True, False]
+    coder, log = ImageCoder(), RejectLog()
+    table = read_image_labels(long, LABELS, coder, log)
+    i2 = table.rows_of(coder.get("i2"))
+    assert table.positive[i2].tolist() == [False, True]  # 0.9 is not a verified positive
+    assert dict(log.counts) == {R.UNKNOWN_MID: 1, R.MALFORMED_ROW: 1}
+    assert sorted(r.line for r in log.records) == [6, 7]
+
+
+def test_files_share_one_image_coder(tmp_path):
+    boxes = _write(tmp_path, "b.csv", TRAIN_HEADER + "\nimg1,x,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0\n")
+    labels = _write(tmp_path, "l.csv", "ImageID,LabelName,Confidence\nimg2,/m/a,1\nimg1,/m/b,0\n")
+    coder, log = ImageCoder(), RejectLog()
+    box_table = read_boxes(boxes, LABELS, coder, log)
+    label_table = read_image_labels(labels, LABELS, coder, log)
+    assert coder.ids == ["img1", "img2"]
+    assert box_table.rows_of(coder.get("img2")) == slice(0, 0)  # seen first in the later file
+    assert label_table.label[label_table.rows_of(coder.get("img1"))].tolist() == [1]
