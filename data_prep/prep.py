@@ -272,6 +272,9 @@ def run_prep(data: DataConfig, prep: PrepConfig, address: str | None = None, pro
     """Run the whole job for ``prep.splits``; returns the manifest (also written to the output)."""
     from data_prep.ray_runtime import init_ray, shutdown_ray
 
+    unknown = [s for s in prep.splits if s not in data.splits]
+    if unknown:
+        raise ConfigError(f"data.splits has no split '{unknown[0]}' (configured: {sorted(data.splits)})")
     labels, hierarchy = load_label_space(data)
     missing, _extra = hierarchy.check_label_space(labels)
     if missing and prep.expand_labels:
