@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = (REPO.parent / "shared" / "fixtures" / "oid").resolve()
+FIXTURES = REPO / "tests" / "data" / "oid"  # copies of the real files; see its README
+SHARED_FIXTURES = (REPO.parent / "shared" / "fixtures" / "oid").resolve()
 CHALLENGE_CLASSES = FIXTURES / "challenge2019" / "challenge-2019-classes-description-500.csv"
 CHALLENGE_HIERARCHY = FIXTURES / "challenge2019" / "challenge-2019-label500-hierarchy.json"
 OIDV6_HIERARCHY = FIXTURES / "oidv6" / "bbox_labels_600_hierarchy.json"
@@ -25,11 +26,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1"})
 os.environ.pop("AWS_PROFILE", None)
-
-
-def require_fixtures() -> None:
-    if not CHALLENGE_CLASSES.is_file():
-        pytest.skip(f"real OID fixtures not found at {FIXTURES}")
 
 
 def jpeg_bytes(width: int = 32, height: int = 24, mode: str = "RGB", color=(200, 30, 30), exif=None,

@@ -10,12 +10,11 @@ import pytest
 from data_prep.errors import InputError
 from data_prep.hierarchy import Hierarchy, expand_down, expand_up
 from data_prep.labels import LabelSpace
-from tests.conftest import CHALLENGE_CLASSES, CHALLENGE_HIERARCHY, OIDV6_HIERARCHY, require_fixtures
+from tests.conftest import CHALLENGE_CLASSES, CHALLENGE_HIERARCHY, FIXTURES, OIDV6_HIERARCHY, SHARED_FIXTURES
 
 
 @pytest.fixture(scope="module")
 def challenge():
-    require_fixtures()
     labels = LabelSpace.from_csv_text(CHALLENGE_CLASSES.read_text(), str(CHALLENGE_CLASSES))
     hierarchy = Hierarchy.from_json_text(CHALLENGE_HIERARCHY.read_text(), str(CHALLENGE_HIERARCHY))
     return labels, hierarchy
@@ -90,7 +89,6 @@ def test_ancestor_matrix_expands_up_and_down(challenge):
 
 
 def test_oidv6_hierarchy_parts_are_not_is_a():
-    require_fixtures()
     hierarchy = Hierarchy.from_json_text(OIDV6_HIERARCHY.read_text())
     assert len(hierarchy.mids) == 601
     assert sum(len(p) > 1 for p in hierarchy.parents.values()) == 45
@@ -111,3 +109,12 @@ def test_hierarchy_rejects_malformed_input():
               '[{"LabelName": "/m/b", "Subcategory": [{"LabelName": "/m/a"}]}]}]}')
     with pytest.raises(InputError, match="cycle"):
         Hierarchy.from_json_text(cyclic)
+
+
+def test_fixture_copies_equal_the_shared_originals():
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip("the workplace's shared fixtures are not next to this checkout")
+    originals = sorted(p for p in SHARED_FIXTURES.rglob("*") if p.is_file() and p.suffix in (".csv", ".json"))
+    assert originals
+    for original in originals:
+        assert (FIXTURES / original.relative_to(SHARED_FIXTURES)).read_bytes() == original.read_bytes()
