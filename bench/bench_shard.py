@@ -38,7 +38,7 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> int:
     (root / "train").mkdir(parents=True, exist_ok=True)
     (root / CLASSES_FILE).write_text("".join(f"{m},{name}\n" for m, name in SYNTH_CLASSES))
     (root / HIERARCHY_FILE).write_text(json.dumps(hierarchy_json()))
-    base = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    base = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
     rows = ["ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"]
     total = 0
     for i in range(n):
@@ -46,7 +46,7 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> int:
         shift = rng.integers(0, 200, 2)
         image = base.transform(base.size, Image.Transform.AFFINE, (1, 0, int(shift[0]), 0, 1, int(shift[1])))
         path = root / "train" / f"{image_id}.jpg"
-        image.save(path, quality=85)
+        image.save(path, quality=90)
         total += path.stat().st_size
         rows.append(f"{image_id},xclick,/m/syn_circle,1,0.1,0.5,0.2,0.6,0,0,0,0,0")
     (root / "train-annotations-bbox.csv").write_text("\n".join(rows) + "\n")

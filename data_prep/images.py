@@ -55,18 +55,109 @@ def _target_size(width: int, height: int, short_side: int | None, max_long: int 
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def check_image(raw: bytes, resize_short_side: int | None = None, resize_max_long_side: int | None = None,
-                jpeg_quality: int = 90, verify_decode: bool = False) -> CheckedImage:
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+@dataclass
+class JpegHeader:
+    width: int
+    height: int
+    components: int
+    precision: int
+    orientation: int
+
+
+def read_jpeg_header(raw: bytes) -> JpegHeader | None:
+    """Size, components and EXIF orientation from the JPEG markers, without Pillow.
+
+    Walks the marker segments up to the first start-of-frame (tens of microseconds). Returns None
+    for anything it does not fully understand; the caller then asks Pillow.
+    """
+    if not raw.startswith(JPEG_SOI):
+        return None
+    i, n, orientation = 2, len(raw), 1
+    while i + 4 <= n:
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(raw[i + 2 : i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            return None
+        if marker == 0xE1 and raw[i + 4 : i + 10] == b"Exif\x00\x00":
+            orientation = _exif_orientation(raw, i + 10, i + 2 + length)
+            if orientation is None:
+                return None
+        elif marker in _SOF_MARKERS:
+            if length < 8:
+                return None
+            return JpegHeader(
+                width=int.from_bytes(raw[i + 7 : i + 9], "big"),
+                height=int.from_bytes(raw[i + 5 : i + 7], "big"),
+                components=raw[i + 9],
+                precision=raw[i + 4],
+                orientation=orientation,
+            )
+        i += 2 + length
+    return None
+
+
+def _exif_orientation(raw: bytes, start: int, end: int) -> int | None:
+    """The orientation tag (0x0112) of IFD0 in a TIFF block; 1 when absent, None when unreadable."""
+    order = raw[start : start + 2]
+    if order not in (b"II", b"MM"):
+        return None
+    endian = "little" if order == b"II" else "big"
+
+    def u(offset: int, size: int) -> int:
+        return int.from_bytes(raw[start + offset : start + offset + size], endian)
+
+    ifd = u(4, 4)
+    if start + ifd + 2 > end:
+        return None
+    for k in range(u(ifd, 2)):
+        entry = ifd + 2 + 12 * k
+        if start + entry + 12 > end:
+            return None
+        if u(entry, 2) == EXIF_ORIENTATION:
+            return u(entry + 8, 2)
+    return 1
+
+
+def check_image(
+    raw: bytes,
+    resize_short_side: int | None = None,
+    resize_max_long_side: int | None = None,
+    jpeg_quality: int = 90,
+    verify_decode: bool = False,
+) -> CheckedImage:
     """Validate ``raw`` image bytes and return what to store; raises ``ImageRejected``."""
     if len(raw) == 0:
         raise ImageRejected(R.ZERO_SIZE_IMAGE, "the file is empty (0 bytes)")
+    header = None if verify_decode else read_jpeg_header(raw)
+    if header is not None and header.components == 3 and header.precision == 8 and header.orientation == 1:
+        # The common case, decided from the markers alone: a baseline/progressive RGB JPEG, upright.
+        if header.width == 0 or header.height == 0:
+            raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {header.width}x{header.height}")
+        if raw.rfind(JPEG_EOI, -EOI_SEARCH_WINDOW) < 0:
+            raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")
+        target = _target_size(header.width, header.height, resize_short_side, resize_max_long_side)
+        if target == (header.width, header.height):
+            return CheckedImage(raw, header.width, header.height, header.width, header.height, [])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw))
             image.size  # noqa: B018 - header parsed by open()
     except Exception as exc:  # PIL raises many types for unreadable headers
-        raise ImageRejected(R.CORRUPT_IMAGE, f"cannot read the image header ({type(exc).__name__}: {exc})") from None
+        raise ImageRejected(
+            R.CORRUPT_IMAGE, f"cannot read the image header ({type(exc).__name__}: {exc})"
+        ) from None
     width, height = image.size
     if width == 0 or height == 0:
         raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {width}x{height}")
@@ -113,4 +204,3 @@ def check_image(raw: bytes, resize_short_side: int | None = None, resize_max_lon
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=jpeg_quality)
     return CheckedImage(out.getvalue(), image.size[0], image.size[1], orig_w, orig_h, changes)
-

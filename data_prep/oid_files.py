@@ -33,37 +33,66 @@ _NUMBER_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
 class ImageCoder:
-    """Maps ImageID strings to dense int32 codes, shared by every file of a split."""
+    """Maps ImageID strings to dense int32 codes, shared by every file of a split.
+
+    The official files are sorted by ImageID; while every block seen so far continues one
+    ascending run, new ids get codes without any per-id Python work (the id -> code dictionary
+    is then built only if something asks for it). Unsorted input takes the dictionary path.
+    """
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self._code: dict[str, int] = {}
+        self._ascending = True  # self.ids is strictly ascending
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def code(self, image_id: str) -> int:
-        c = self._code.get(image_id)
-        if c is None:
-            c = self._code[image_id] = len(self.ids)
-            self.ids.append(image_id)
-        return c
+    def _index(self) -> dict[str, int]:
+        if len(self._code) != len(self.ids):
+            for i in range(len(self._code), len(self.ids)):
+                self._code[self.ids[i]] = i
+        return self._code
 
     def get(self, image_id: str, default: int = -1) -> int:
-        return self._code.get(image_id, default)
+        return self._index().get(image_id, default)
 
     def truncate(self, n: int) -> None:
         """Forget the codes from ``n`` on (undo a failed read)."""
-        for image_id in self.ids[n:]:
-            del self._code[image_id]
         del self.ids[n:]
+        self._code = {}
+        self._ascending = n == 0
 
     def encode(self, column: pa.Array) -> np.ndarray:
         """Codes for a block's ImageID column; new ids get new codes in order of first appearance."""
         uniques = pc.unique(column)
-        local = pc.index_in(column, value_set=uniques).to_numpy(zero_copy_only=False)
-        mapping = np.fromiter((self.code(s) for s in uniques.to_pylist()), dtype=np.int32, count=len(uniques))
-        return mapping[local.astype(np.int64)]
+        local = pc.index_in(column, value_set=uniques).to_numpy(zero_copy_only=False).astype(np.int32)
+        new = uniques.to_pylist()
+        if not new:
+            return local
+        grouped = len(local) < 2 or not bool((local[1:] < local[:-1]).any())  # each id's rows contiguous
+        if self._ascending and grouped and (not self.ids or new[0] >= self.ids[-1]) and _is_sorted(uniques):
+            continues = bool(self.ids) and new[0] == self.ids[-1]
+            start = len(self.ids) - 1 if continues else len(self.ids)
+            self.ids.extend(new[1:] if continues else new)
+            return local + np.int32(start)
+        self._ascending = False
+        index = self._index()
+        mapping = np.empty(len(new), dtype=np.int32)
+        for k, image_id in enumerate(new):
+            code = index.get(image_id)
+            if code is None:
+                code = index[image_id] = len(self.ids)
+                self.ids.append(image_id)
+            mapping[k] = code
+        return mapping[local]
+
+
+def _is_sorted(values: pa.Array) -> bool:
+    """Strictly ascending (the uniques of a block, in order of first appearance)."""
+    if len(values) < 2:
+        return True
+    return bool(pc.all(pc.less(values.slice(0, len(values) - 1), values.slice(1))).as_py())
 
 
 @dataclass
@@ -110,7 +139,10 @@ def _open_reader(
             read_options=pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
             convert_options=pacsv.ConvertOptions(
-                column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False
+                column_types=types,
+                include_columns=list(types),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
             ),
         )
     except pa.ArrowInvalid as exc:
@@ -143,7 +175,7 @@ def _numbers(column: pa.Array, allow_empty: bool = False) -> tuple[np.ndarray, n
     malformed unless ``allow_empty``.
     """
     if not pa.types.is_string(column.type):
-        values = pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        values = column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         missing = np.isnan(values)
         return values, (missing if not allow_empty else np.zeros(len(values), dtype=bool))
     trimmed = pc.utf8_trim_whitespace(column)
@@ -199,9 +231,12 @@ class ImageLabelTable:
         return slice(int(self.offsets[code]), int(self.offsets[code + 1]))
 
 
-def group_offsets(codes: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stable order that groups rows by code, and the ``[num_images + 1]`` offsets into it."""
-    order = np.argsort(codes, kind="stable")
+def group_offsets(codes: np.ndarray, num_images: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """A stable order that groups rows by code (None when they are already grouped, as in the
+    official files), and the ``[num_images + 1]`` offsets of each code's rows in that order."""
+    order = None
+    if len(codes) > 1 and bool((codes[1:] < codes[:-1]).any()):
+        order = np.argsort(codes, kind="stable")
     counts = np.bincount(codes, minlength=num_images)
     offsets = np.zeros(num_images + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -231,8 +266,9 @@ def _iter_batches(reader, uri: str, typed: bool):
         raise InputError(f"{uri}: cannot parse CSV ({exc})") from None
 
 
-def _column_types(header: list[str], numeric: tuple[str, ...], typed: bool) -> dict[str, pa.DataType]:
-    return {c: (pa.float32() if typed and c in numeric else pa.string()) for c in header}
+def _column_types(columns: tuple[str, ...], numeric: tuple[str, ...], typed: bool) -> dict[str, pa.DataType]:
+    """Types of the columns to read (the others are skipped by the parser)."""
+    return {c: (pa.float32() if typed and c in numeric else pa.string()) for c in columns}
 
 
 def read_boxes(
@@ -270,7 +306,14 @@ def _read_boxes_once(
     flags_present = [f for f in BOX_FLAGS if f in header]
     line_map = _LineMap()
     reader = _open_reader(
-        uri, _column_types(header, coords + tuple(flags_present), typed), line_map, log, endpoint_url, typed
+        uri,
+        _column_types(
+            ("ImageID", "LabelName", *coords, *flags_present), coords + tuple(flags_present), typed
+        ),
+        line_map,
+        log,
+        endpoint_url,
+        typed,
     )
     mids = pa.array(labels.mids)
 
@@ -310,31 +353,36 @@ def _read_boxes_once(
             else:
                 reason, detail = R.DEGENERATE_BOX, f"box {_fmt(box[i])} (x1,y1,x2,y2) has min >= max"
             bad_rows.append((rows + int(i), reason, cols["ImageID"][i].as_py(), detail))
-        keep = ~bad_mask
-        parts["img"].append(img[keep])
-        parts["lab"].append(lab[keep].astype(np.int16))
-        parts["box"].append(box[keep])
-        parts["row"].append(np.flatnonzero(keep).astype(np.int64) + rows)
+        data_row = np.arange(rows, rows + n, dtype=np.int32)
+        if bad_mask.any():
+            keep = ~bad_mask
+            img, lab, box, data_row = img[keep], lab[keep], box[keep], data_row[keep]
+            flag_values = {f: v[keep] for f, v in flag_values.items()}
+        parts["img"].append(img)
+        parts["lab"].append(lab.astype(np.int16))
+        parts["box"].append(box)
+        parts["row"].append(data_row)
         for f in flags_present:
-            parts[f].append(flag_values[f][keep])
+            parts[f].append(flag_values[f])
         rows += n
 
     for data_row, reason, image_id, detail in bad_rows:
         log.add(Reject(reason, uri, detail, line=line_map.line(data_row), image_id=image_id))
 
     def cat(key: str, dtype, shape=(0,)) -> np.ndarray:
-        return np.concatenate(parts[key]) if parts[key] else np.zeros(shape, dtype=dtype)
+        chunks = parts.pop(key, None)  # free each part list as soon as it is joined
+        return np.concatenate(chunks) if chunks else np.zeros(shape, dtype=dtype)
 
     img = cat("img", np.int32)
     lab = cat("lab", np.int16)
     box = cat("box", np.float32, (0, 4))
-    data_row = cat("row", np.int64)
+    data_row = cat("row", np.int32)
     flags = {
         f: (cat(f, np.int8) if f in flags_present else np.full(len(lab), -1, np.int8)) for f in BOX_FLAGS
     }
 
     order, offsets = group_offsets(img, len(images))
-    if not np.array_equal(order, np.arange(len(order))):  # the official files are already grouped
+    if order is not None:
         img, lab, box, data_row = img[order], lab[order], box[order], data_row[order]
         flags = {k: v[order] for k, v in flags.items()}
 
@@ -355,32 +403,55 @@ def _read_boxes_once(
             flags = {k: v[keep] for k, v in flags.items()}
             _, offsets = group_offsets(img, len(images))
 
-    lines = data_row + 2
+    lines = data_row + np.int32(2)
     if line_map.skipped:
-        lines = np.array([line_map.line(int(r)) for r in data_row], dtype=np.int64)
+        lines = np.array([line_map.line(int(r)) for r in data_row], dtype=np.int32)
     return BoxTable(img, lab, box, flags, lines, offsets, rows_read=rows)
 
 
 def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
     """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
 
-    One sort of a 64-bit row hash finds candidates; each candidate pair is then compared exactly,
-    so a hash collision never drops a row.
+    One sort of a 64-bit row hash finds candidate runs of equal hashes; inside a run rows are
+    compared exactly in row order, so a hash collision never drops a row.
     """
-    bits = box.view(np.uint32).astype(np.uint64)
-    h = img.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    columns = (lab.astype(np.uint64), bits[:, 0], bits[:, 1], bits[:, 2], bits[:, 3], group.astype(np.uint64))
+    bits = box.view(np.uint64)  # (x1, y1) and (x2, y2) as two 64-bit words per row
     with np.errstate(over="ignore"):
-        for k, col in enumerate(columns):
-            h ^= (col + np.uint64(k + 1)) * np.uint64(0xBF58476D1CE4E5B9)
-            h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
-    order = np.argsort(h, kind="stable")  # equal hashes stay in row order
+        h = (
+            (img.astype(np.uint64) << np.uint64(20))
+            ^ lab.astype(np.uint64)
+            ^ (group.astype(np.uint64) << np.uint64(16))
+        )
+        h *= np.uint64(0x9E3779B97F4A7C15)
+        h ^= bits[:, 0] * np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= bits[:, 1]
+        h ^= h >> np.uint64(32)
+    order = np.argsort(h)
     hs = h[order]
     keep = np.ones(len(h), dtype=bool)
-    for j in np.flatnonzero(hs[1:] == hs[:-1]):
-        a, b = order[j], order[j + 1]
-        if img[a] == img[b] and lab[a] == lab[b] and group[a] == group[b] and np.array_equal(box[a], box[b]):
-            keep[b] = False
+    same = np.flatnonzero(hs[1:] == hs[:-1])  # position j: sorted rows j and j + 1 share a hash
+    run_start = None
+    for k, j in enumerate(same):
+        if run_start is None:
+            run_start = j
+        if k + 1 < len(same) and same[k + 1] == j + 1:
+            continue  # the run goes on
+        rows = np.sort(order[run_start : j + 2])
+        kept: list[int] = []
+        for r in rows:
+            if any(
+                img[r] == img[q]
+                and lab[r] == lab[q]
+                and group[r] == group[q]
+                and np.array_equal(box[r], box[q])
+                for q in kept
+            ):
+                keep[r] = False
+            else:
+                kept.append(int(r))
+        run_start = None
     return keep
 
 
@@ -411,7 +482,7 @@ def _read_image_labels_once(
 ) -> ImageLabelTable:
     line_map = _LineMap()
     reader = _open_reader(
-        uri, _column_types(header, ("Confidence",), typed), line_map, log, endpoint_url, typed
+        uri, _column_types(LABEL_REQUIRED, ("Confidence",), typed), line_map, log, endpoint_url, typed
     )
     mids = pa.array(labels.mids)
     imgs, labs, poss = [], [], []
@@ -448,7 +519,9 @@ def _read_image_labels_once(
     lab = np.concatenate(labs) if labs else np.zeros(0, np.int16)
     pos = np.concatenate(poss) if poss else np.zeros(0, bool)
     order, offsets = group_offsets(img, len(images))
-    return ImageLabelTable(img[order], lab[order], pos[order], offsets, rows_read=rows)
+    if order is not None:
+        img, lab, pos = img[order], lab[order], pos[order]
+    return ImageLabelTable(img, lab, pos, offsets, rows_read=rows)
 
 
 def _fmt(box: np.ndarray) -> str:

@@ -80,8 +80,14 @@ def list_images(images: Storage, log: RejectLog) -> dict[str, tuple[str, int]]:
         if not dot or "." + ext.lower() not in IMAGE_EXTENSIONS or base.startswith("."):
             continue
         if stem in found:
-            log.add(Reject(R.DUPLICATE_IMAGE_ID, images.uri(info.name),
-                           f"a second file for ImageID {stem}; keeping {found[stem][0]}", image_id=stem))
+            log.add(
+                Reject(
+                    R.DUPLICATE_IMAGE_ID,
+                    images.uri(info.name),
+                    f"a second file for ImageID {stem}; keeping {found[stem][0]}",
+                    image_id=stem,
+                )
+            )
             continue
         found[stem] = (info.name, info.size)
     return found
@@ -89,8 +95,14 @@ def list_images(images: Storage, log: RejectLog) -> dict[str, tuple[str, int]]:
 
 def _gather(offsets: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row indices of the groups ``codes`` (concatenated in order) and the count of each group."""
-    padded = np.concatenate([offsets, np.full(max(0, int(codes.max(initial=-1)) + 2 - len(offsets)),
-                                                offsets[-1] if len(offsets) else 0)])
+    padded = np.concatenate(
+        [
+            offsets,
+            np.full(
+                max(0, int(codes.max(initial=-1)) + 2 - len(offsets)), offsets[-1] if len(offsets) else 0
+            ),
+        ]
+    )
     starts, ends = padded[codes], padded[codes + 1]
     counts = (ends - starts).astype(np.int32)
     total = int(counts.sum())
@@ -110,9 +122,11 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
     log = RejectLog(prep.max_rejects_listed)
     coder = ImageCoder()
     ep = data.s3_endpoint_url
-    inputs = {"boxes": resolve(data.root, files.boxes) if files.boxes else None,
-              "labels": resolve(data.root, files.labels) if files.labels else None,
-              "images": resolve(data.root, files.images)}
+    inputs = {
+        "boxes": resolve(data.root, files.boxes) if files.boxes else None,
+        "labels": resolve(data.root, files.labels) if files.labels else None,
+        "images": resolve(data.root, files.images),
+    }
     boxes: BoxTable | None = None
     image_labels: ImageLabelTable | None = None
     if inputs["boxes"]:
@@ -120,9 +134,16 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
     if inputs["labels"]:
         image_labels = read_image_labels(inputs["labels"], labels, coder, log, ep)
     n = len(coder)
-    box_count = np.zeros(n, np.int64) if boxes is None else np.diff(np.pad(boxes.offsets, (0, n + 1 - len(boxes.offsets)), mode="edge"))
-    label_count = (np.zeros(n, np.int64) if image_labels is None
-                   else np.diff(np.pad(image_labels.offsets, (0, n + 1 - len(image_labels.offsets)), mode="edge")))
+    box_count = (
+        np.zeros(n, np.int64)
+        if boxes is None
+        else np.diff(np.pad(boxes.offsets, (0, n + 1 - len(boxes.offsets)), mode="edge"))
+    )
+    label_count = (
+        np.zeros(n, np.int64)
+        if image_labels is None
+        else np.diff(np.pad(image_labels.offsets, (0, n + 1 - len(image_labels.offsets)), mode="edge"))
+    )
 
     images = open_storage(inputs["images"], ep)
     files_found = list_images(images, log)
@@ -131,12 +152,23 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
     for code in np.flatnonzero(wanted):
         image_id = coder.ids[code]
         if not VALID_IMAGE_ID.match(image_id):
-            log.add(Reject(R.BAD_IMAGE_ID, inputs["boxes"] or inputs["labels"] or "",
-                           "ImageID must be letters, digits, '_' or '-' (it becomes a webdataset key)",
-                           image_id=image_id))
+            log.add(
+                Reject(
+                    R.BAD_IMAGE_ID,
+                    inputs["boxes"] or inputs["labels"] or "",
+                    "ImageID must be letters, digits, '_' or '-' (it becomes a webdataset key)",
+                    image_id=image_id,
+                )
+            )
         elif image_id not in files_found:
-            log.add(Reject(R.MISSING_IMAGE, images.uri(""), f"no file {image_id}.jpg for an annotated image",
-                           image_id=image_id))
+            log.add(
+                Reject(
+                    R.MISSING_IMAGE,
+                    images.uri(""),
+                    f"no file {image_id}.jpg for an annotated image",
+                    image_id=image_id,
+                )
+            )
         else:
             planned.append(int(code))
     # Deterministic assignment: sort by ImageID, then a seeded shuffle.
@@ -153,8 +185,19 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
         acc += size + TAR_OVERHEAD
         full = acc >= target or (prep.max_samples_per_shard and i + 1 - start >= prep.max_samples_per_shard)
         if full or i == len(sizes) - 1:
-            shards.append(_make_spec(split, len(shards), codes[start : i + 1], coder, files_found, boxes,
-                                     image_labels, settings, sizes[start : i + 1]))
+            shards.append(
+                _make_spec(
+                    split,
+                    len(shards),
+                    codes[start : i + 1],
+                    coder,
+                    files_found,
+                    boxes,
+                    image_labels,
+                    settings,
+                    sizes[start : i + 1],
+                )
+            )
             start, acc = i + 1, 0.0
     counts = {
         "box_rows_read": boxes.rows_read if boxes else 0,
@@ -171,20 +214,37 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
 
 
 def image_settings(prep: PrepConfig) -> ImageSettings:
-    return ImageSettings(prep.resize_short_side, prep.resize_max_long_side, prep.jpeg_quality,
-                         prep.verify_decode, prep.expand_labels)
+    return ImageSettings(
+        prep.resize_short_side,
+        prep.resize_max_long_side,
+        prep.jpeg_quality,
+        prep.verify_decode,
+        prep.expand_labels,
+    )
 
 
-def _make_spec(split: str, index: int, codes: np.ndarray, coder: ImageCoder, files: dict[str, tuple[str, int]],
-               boxes: BoxTable | None, image_labels: ImageLabelTable | None, settings: ImageSettings,
-               sizes: list[int]) -> ShardSpec:
+def _make_spec(
+    split: str,
+    index: int,
+    codes: np.ndarray,
+    coder: ImageCoder,
+    files: dict[str, tuple[str, int]],
+    boxes: BoxTable | None,
+    image_labels: ImageLabelTable | None,
+    settings: ImageSettings,
+    sizes: list[int],
+) -> ShardSpec:
     if boxes is not None:
         rows, box_counts = _gather(boxes.offsets, codes)
         box_label, box_norm = boxes.label[rows], boxes.boxes[rows]
         box_flags = np.stack([boxes.flags[f][rows] for f in BOX_FLAGS], axis=1)
     else:
         box_counts = np.zeros(len(codes), np.int32)
-        box_label, box_norm, box_flags = np.zeros(0, np.int16), np.zeros((0, 4), np.float32), np.zeros((0, 5), np.int8)
+        box_label, box_norm, box_flags = (
+            np.zeros(0, np.int16),
+            np.zeros((0, 4), np.float32),
+            np.zeros((0, 5), np.int8),
+        )
     if image_labels is not None:
         lrows, label_counts = _gather(image_labels.offsets, codes)
         image_label, positive = image_labels.label[lrows], image_labels.positive[lrows]
@@ -192,14 +252,26 @@ def _make_spec(split: str, index: int, codes: np.ndarray, coder: ImageCoder, fil
         label_counts = np.zeros(len(codes), np.int32)
         image_label, positive = np.zeros(0, np.int16), np.zeros(0, bool)
     ids = [coder.ids[c] for c in codes]
-    spec = ShardSpec(split, index, ids, [files[i][0] for i in ids], box_counts, box_label, box_norm, box_flags,
-                     label_counts, image_label, positive)
+    spec = ShardSpec(
+        split,
+        index,
+        ids,
+        [files[i][0] for i in ids],
+        box_counts,
+        box_label,
+        box_norm,
+        box_flags,
+        label_counts,
+        image_label,
+        positive,
+    )
     spec.fingerprint = spec.compute_fingerprint(settings, sizes)
     return spec
 
 
-def _run_tasks(plan: SplitPlan, out: Storage, settings: ImageSettings, up: np.ndarray, prep: PrepConfig,
-               progress: bool) -> list[ShardResult]:
+def _run_tasks(
+    plan: SplitPlan, out: Storage, settings: ImageSettings, up: np.ndarray, prep: PrepConfig, progress: bool
+) -> list[ShardResult]:
     import ray
     from tqdm import tqdm
 
@@ -214,8 +286,13 @@ def _run_tasks(plan: SplitPlan, out: Storage, settings: ImageSettings, up: np.nd
     task = ray.remote(num_cpus=prep.num_cpus_per_task, max_retries=2)(write_shard)
     up_ref = ray.put(up)
     pending = {task.remote(spec, plan.images, out, settings, up_ref): spec.index for spec in todo}
-    bar = tqdm(total=len(plan.shards), initial=len(results), desc=f"prep {plan.split} shards", unit="shard",
-               disable=not progress)
+    bar = tqdm(
+        total=len(plan.shards),
+        initial=len(results),
+        desc=f"prep {plan.split} shards",
+        unit="shard",
+        disable=not progress,
+    )
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -236,19 +313,21 @@ def _write_index(out: Storage, split: str, results: list[ShardResult]) -> int:
     import pyarrow.parquet as pq
 
     rows = [s for r in results for s in r.samples]
-    table = pa.table({
-        "key": pa.array([s["key"] for s in rows], pa.string()),
-        "shard": pa.array([s["shard"] for s in rows], pa.string()),
-        "shard_index": pa.array([r.index for r in results for _ in r.samples], pa.int32()),
-        "jpg_offset": pa.array([s["jpg_offset"] for s in rows], pa.int64()),
-        "jpg_size": pa.array([s["jpg_size"] for s in rows], pa.int64()),
-        "json_offset": pa.array([s["json_offset"] for s in rows], pa.int64()),
-        "json_size": pa.array([s["json_size"] for s in rows], pa.int64()),
-        "width": pa.array([s["width"] for s in rows], pa.int32()),
-        "height": pa.array([s["height"] for s in rows], pa.int32()),
-        "labels": pa.array([s["labels"] for s in rows], pa.list_(pa.int16())),
-        "num_boxes": pa.array([s["num_boxes"] for s in rows], pa.int32()),
-    })
+    table = pa.table(
+        {
+            "key": pa.array([s["key"] for s in rows], pa.string()),
+            "shard": pa.array([s["shard"] for s in rows], pa.string()),
+            "shard_index": pa.array([r.index for r in results for _ in r.samples], pa.int32()),
+            "jpg_offset": pa.array([s["jpg_offset"] for s in rows], pa.int64()),
+            "jpg_size": pa.array([s["jpg_size"] for s in rows], pa.int64()),
+            "json_offset": pa.array([s["json_offset"] for s in rows], pa.int64()),
+            "json_size": pa.array([s["json_size"] for s in rows], pa.int64()),
+            "width": pa.array([s["width"] for s in rows], pa.int32()),
+            "height": pa.array([s["height"] for s in rows], pa.int32()),
+            "labels": pa.array([s["labels"] for s in rows], pa.list_(pa.int16())),
+            "num_boxes": pa.array([s["num_boxes"] for s in rows], pa.int32()),
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     out.put_bytes(index_name(split), buf.getvalue())
@@ -263,12 +342,25 @@ def _class_stats(labels: LabelSpace, results: list[ShardResult]) -> list[dict]:
             images[s["labels"]] += 1
         for k, v in r.box_counts.items():
             boxes[int(k)] += v
-    return [{"index": i, "mid": labels.mids[i], "name": labels.names[i], "boxes": int(boxes[i]),
-             "images": int(images[i])} for i in range(len(labels))]
+    return [
+        {
+            "index": i,
+            "mid": labels.mids[i],
+            "name": labels.names[i],
+            "boxes": int(boxes[i]),
+            "images": int(images[i]),
+        }
+        for i in range(len(labels))
+    ]
 
 
-def run_prep(data: DataConfig, prep: PrepConfig, address: str | None = None, progress: bool = True,
-             resolved_config: str | None = None) -> dict:
+def run_prep(
+    data: DataConfig,
+    prep: PrepConfig,
+    address: str | None = None,
+    progress: bool = True,
+    resolved_config: str | None = None,
+) -> dict:
     """Run the whole job for ``prep.splits``; returns the manifest (also written to the output)."""
     from data_prep.ray_runtime import init_ray, shutdown_ray
 
@@ -278,8 +370,10 @@ def run_prep(data: DataConfig, prep: PrepConfig, address: str | None = None, pro
     labels, hierarchy = load_label_space(data)
     missing, _extra = hierarchy.check_label_space(labels)
     if missing and prep.expand_labels:
-        raise InputError(f"{resolve(data.root, data.hierarchy)}: {len(missing)} classes of the label space are "
-                         f"not in the hierarchy (first: {missing[0]}); fix the files or set prep.expand_labels=false")
+        raise InputError(
+            f"{resolve(data.root, data.hierarchy)}: {len(missing)} classes of the label space are "
+            f"not in the hierarchy (first: {missing[0]}); fix the files or set prep.expand_labels=false"
+        )
     up = hierarchy.ancestor_matrix(labels)
     out = open_storage(data.shards, data.s3_endpoint_url)
     out.put_bytes(CLASSES_FILE, labels.to_csv_text().encode())
@@ -287,14 +381,16 @@ def run_prep(data: DataConfig, prep: PrepConfig, address: str | None = None, pro
     if resolved_config is not None:
         out.put_bytes("prep-config.yaml", resolved_config.encode())
     manifest = _read_manifest(out)
-    manifest.update({
-        "format": "tsd-oid shards v1",
-        "output": out.uri(""),
-        "classes_file": CLASSES_FILE,
-        "hierarchy_file": HIERARCHY_FILE,
-        "num_classes": len(labels),
-        "prep": asdict(prep),
-    })
+    manifest.update(
+        {
+            "format": "tsd-oid shards v1",
+            "output": out.uri(""),
+            "classes_file": CLASSES_FILE,
+            "hierarchy_file": HIERARCHY_FILE,
+            "num_classes": len(labels),
+            "prep": asdict(prep),
+        }
+    )
     settings = image_settings(prep)
     started = init_ray(address)
     try:
@@ -321,8 +417,10 @@ def run_prep(data: DataConfig, prep: PrepConfig, address: str | None = None, pro
                 "rejects": plan.log.to_json(),
                 "changes": dict(sorted(changes.items())),
                 "classes": _class_stats(labels, results),
-                "shards": [{"name": r.name, "samples": len(r.samples), "bytes": r.bytes, "sha256": r.sha256}
-                           for r in results],
+                "shards": [
+                    {"name": r.name, "samples": len(r.samples), "bytes": r.bytes, "sha256": r.sha256}
+                    for r in results
+                ],
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             out.put_bytes(MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=False).encode())

@@ -21,8 +21,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=True)
         return True
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+    )
     return True
 
 

@@ -12,7 +12,6 @@ counts as done only when both exist and the report's plan fingerprint matches.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -23,6 +22,7 @@ import numpy as np
 
 from data_prep import rejects as R
 from data_prep.boxes import normalized_to_pixels
+from data_prep.errors import InputError
 from data_prep.images import ImageRejected, check_image
 from data_prep.rejects import Reject
 from data_prep.storage import Storage
@@ -79,10 +79,20 @@ class ShardSpec:
 
     def compute_fingerprint(self, settings: ImageSettings, source_sizes: list[int]) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.split, self.index, self.image_ids, self.sources, source_sizes,
-                             asdict(settings)]).encode())
-        for arr in (self.box_counts, self.box_label, self.box_norm, self.box_flags, self.label_counts,
-                    self.image_label, self.image_label_positive):
+        h.update(
+            json.dumps(
+                [self.split, self.index, self.image_ids, self.sources, source_sizes, asdict(settings)]
+            ).encode()
+        )
+        for arr in (
+            self.box_counts,
+            self.box_label,
+            self.box_norm,
+            self.box_flags,
+            self.label_counts,
+            self.image_label,
+            self.image_label_positive,
+        ):
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
@@ -104,120 +114,182 @@ class ShardResult:
     skipped: bool = False  # found complete from an earlier run
 
 
-def _expand(labels: np.ndarray, boxes: np.ndarray, flags: np.ndarray, up: np.ndarray):
-    """Add a box for every ancestor class (deduplicated per class and box); mark the added ones."""
-    if len(labels) == 0:
-        return labels, boxes, flags, np.zeros(0, np.int8)
+@dataclass
+class _Targets:
+    """The training targets of every image of a shard, concatenated in image order."""
+
+    counts: np.ndarray  # boxes per image (after expansion)
+    labels: np.ndarray
+    boxes: np.ndarray  # normalized x1, y1, x2, y2
+    flags: np.ndarray  # [B, 5] in FLAG_KEYS order
+    added: np.ndarray  # 1 for boxes added for an ancestor class
+
+
+def _box_targets(spec: ShardSpec, up: np.ndarray | None) -> _Targets:
+    """Boxes of the whole shard, expanded with one box per ancestor class when ``up`` is given.
+
+    Done once per shard with array operations. An added box that repeats an existing (class, box,
+    group-of) of its image is dropped; originals come first within each image, in file order.
+    """
+    labels, boxes, flags = spec.box_label, spec.box_norm, spec.box_flags
+    if up is None or len(labels) == 0:
+        return _Targets(spec.box_counts, labels, boxes, flags, np.zeros(len(labels), np.int8))
+    image = np.repeat(np.arange(len(spec.box_counts), dtype=np.int32), spec.box_counts)
     rows, classes = np.nonzero(up[labels.astype(np.int64)])
-    is_added = (classes != labels[rows]).astype(np.int8)
-    out_boxes = boxes[rows]
-    out_flags = flags[rows]
-    # keep the first occurrence of each (class, box): originals come first for each row
-    key = np.concatenate([classes[:, None].astype(np.float64), out_boxes.astype(np.float64),
-                          out_flags[:, 2:3].astype(np.float64)], axis=1)
-    order = np.lexsort((np.arange(len(rows)), is_added))  # originals first, then file order
-    _, first = np.unique(key[order], axis=0, return_index=True)
-    keep = np.sort(order[first])
-    return classes[keep].astype(np.int16), out_boxes[keep], out_flags[keep], is_added[keep]
+    added = (classes != labels[rows]).astype(np.int8)
+    order = np.lexsort((np.arange(len(rows)), added, image[rows]))  # image, originals first, position
+    rows, classes, added = rows[order], classes[order], added[order]
+    key = np.zeros(len(rows), dtype=[("image", "<i4"), ("cls", "<i4"), ("box", "<f4", (4,)), ("group", "i1")])
+    key["image"], key["cls"], key["box"], key["group"] = image[rows], classes, boxes[rows], flags[rows, 2]
+    _, first = np.unique(key, return_index=True)
+    keep = np.sort(first)
+    rows, classes, added = rows[keep], classes[keep], added[keep]
+    counts = np.bincount(image[rows], minlength=len(spec.box_counts)).astype(np.int32)
+    return _Targets(counts, classes.astype(np.int16), boxes[rows], flags[rows], added)
 
 
-def _sample_json(spec: ShardSpec, i: int, width: int, height: int, orig_w: int, orig_h: int,
-                 b0: int, b1: int, l0: int, l1: int, up: np.ndarray | None, changes: list[str]) -> dict:
-    labels, boxes, flags = spec.box_label[b0:b1], spec.box_norm[b0:b1], spec.box_flags[b0:b1]
-    pos = spec.image_label[l0:l1][spec.image_label_positive[l0:l1]].astype(np.int64)
-    neg = spec.image_label[l0:l1][~spec.image_label_positive[l0:l1]].astype(np.int64)
-    if up is not None:
-        labels, boxes, flags, added = _expand(labels, boxes, flags, up)
-        pos = np.flatnonzero(up[pos].any(axis=0)) if len(pos) else pos
-        neg = np.flatnonzero(up[:, neg].any(axis=1)) if len(neg) else neg
-    else:
-        added = np.zeros(len(labels), np.int8)
-        pos, neg = np.unique(pos), np.unique(neg)
-    pixels = normalized_to_pixels(boxes, width, height)
-    sample = {
-        "image_id": spec.image_ids[i],
-        "width": width,
-        "height": height,
-        "orig_width": orig_w,
-        "orig_height": orig_h,
-        "boxes": [[round(float(v), 2) for v in b] for b in pixels],
-        "boxes_norm": [[round(float(v), 6) for v in b] for b in boxes],
-        "labels": [int(v) for v in labels],
-        "is_expanded": [int(v) for v in added],
-        "image_labels_pos": [int(v) for v in pos],
-        "image_labels_neg": [int(v) for v in neg],
-        "changes": changes,
-    }
-    for k, key in enumerate(FLAG_KEYS):
-        sample[key] = [int(v) for v in flags[:, k]]
-    return sample
+def _image_labels(spec: ShardSpec, l0: int, l1: int, up: np.ndarray | None) -> tuple[list[int], list[int]]:
+    """Verified positives (expanded up) and negatives (expanded down) of one image."""
+    labels, positive = spec.image_label[l0:l1].astype(np.int64), spec.image_label_positive[l0:l1]
+    pos, neg = labels[positive], labels[~positive]
+    if up is None:
+        return np.unique(pos).tolist(), np.unique(neg).tolist()
+    pos = np.flatnonzero(up[pos].any(axis=0)) if len(pos) else pos
+    neg = np.flatnonzero(up[:, neg].any(axis=1)) if len(neg) else neg
+    return pos.tolist(), neg.tolist()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-    data_offset = tar.offset - ((len(data) + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    return data_offset, len(data)
+class _HashingWriter:
+    """A write-only file wrapper that computes the sha256 of everything written through it."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._f.write(data)
 
 
-def write_shard(spec: ShardSpec, images: Storage, out: Storage, settings: ImageSettings,
-                up: np.ndarray | None) -> ShardResult:
+class _TarWriter:
+    """A minimal reproducible USTAR writer that knows where each member's data starts.
+
+    Members get fixed metadata (mtime 0, mode 0444, uid/gid 0, no user names); the archive ends
+    with two zero blocks padded to a 10 KiB record, like GNU tar and Python's tarfile.
+    """
+
+    def __init__(self, f: _HashingWriter) -> None:
+        self._f = f
+        self.offset = 0
+
+    def add(self, name: str, data: bytes) -> tuple[int, int]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self._f.write(header)
+        self._f.write(data)
+        if pad:
+            self._f.write(b"\0" * pad)
+        data_offset = self.offset + len(header)
+        self.offset = data_offset + len(data) + pad
+        return data_offset, len(data)
+
+    def close(self) -> None:
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self._f.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+
+
+def write_shard(
+    spec: ShardSpec, images: Storage, out: Storage, settings: ImageSettings, up: np.ndarray | None
+) -> ShardResult:
     """Write, publish and report one shard. Bad images are skipped and reported, never fatal."""
-    box_ends = np.cumsum(spec.box_counts)
+    up = up if settings.expand_labels else None
+    targets = _box_targets(spec, up)
+    box_ends = np.cumsum(targets.counts)
     label_ends = np.cumsum(spec.label_counts)
     result = ShardResult(spec.split, spec.index, spec.name, spec.fingerprint, "", 0)
     staging = out.staging_dir() if hasattr(out, "staging_dir") else tempfile.gettempdir()
     fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".tmp", dir=staging)
     try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with os.fdopen(fd, "wb") as f:
+            writer = _HashingWriter(f)
+            tar = _TarWriter(writer)
             for i, (image_id, source) in enumerate(zip(spec.image_ids, spec.sources, strict=True)):
-                b1, l1 = int(box_ends[i]), int(label_ends[i])
-                b0, l0 = b1 - int(spec.box_counts[i]), l1 - int(spec.label_counts[i])
                 try:
                     raw = images.read_bytes(source)
-                    checked = check_image(raw, settings.resize_short_side, settings.resize_max_long_side,
-                                          settings.jpeg_quality, settings.verify_decode)
+                    checked = check_image(
+                        raw,
+                        settings.resize_short_side,
+                        settings.resize_max_long_side,
+                        settings.jpeg_quality,
+                        settings.verify_decode,
+                    )
                 except ImageRejected as exc:
-                    result.rejects.append(asdict(Reject(exc.reason, images.uri(source), exc.detail,
-                                                        image_id=image_id)))
+                    result.rejects.append(
+                        asdict(Reject(exc.reason, images.uri(source), exc.detail, image_id=image_id))
+                    )
                     continue
-                except OSError as exc:
-                    result.rejects.append(asdict(Reject(R.MISSING_IMAGE, images.uri(source), str(exc),
-                                                        image_id=image_id)))
+                except (OSError, InputError) as exc:
+                    result.rejects.append(
+                        asdict(Reject(R.MISSING_IMAGE, images.uri(source), str(exc), image_id=image_id))
+                    )
                     continue
                 for change in checked.changes:
                     result.changes[change] = result.changes.get(change, 0) + 1
-                sample = _sample_json(spec, i, checked.width, checked.height, checked.orig_width,
-                                      checked.orig_height, b0, b1, l0, l1,
-                                      up if settings.expand_labels else None, checked.changes)
+                b1, l1 = int(box_ends[i]), int(label_ends[i])
+                b0, l0 = b1 - int(targets.counts[i]), l1 - int(spec.label_counts[i])
+                labels = targets.labels[b0:b1].tolist()
+                norm = targets.boxes[b0:b1]
+                pixels = normalized_to_pixels(norm, checked.width, checked.height)
+                pos, neg = _image_labels(spec, l0, l1, up)
+                sample = {
+                    "image_id": image_id,
+                    "width": checked.width,
+                    "height": checked.height,
+                    "orig_width": checked.orig_width,
+                    "orig_height": checked.orig_height,
+                    "boxes": np.round(pixels.astype(np.float64), 2).tolist(),
+                    "boxes_norm": np.round(norm.astype(np.float64), 6).tolist(),
+                    "labels": labels,
+                    "is_expanded": targets.added[b0:b1].tolist(),
+                    "image_labels_pos": pos,
+                    "image_labels_neg": neg,
+                    "changes": checked.changes,
+                }
+                flags = targets.flags[b0:b1].T.tolist()
+                for k, key in enumerate(FLAG_KEYS):
+                    sample[key] = flags[k] if flags else []
                 meta = json.dumps(sample, sort_keys=True, separators=(",", ":")).encode()
-                jpg_offset, jpg_size = _add_member(tar, f"{image_id}.jpg", checked.data)
-                json_offset, json_size = _add_member(tar, f"{image_id}.json", meta)
-                for c in sample["labels"]:
+                jpg_offset, jpg_size = tar.add(f"{image_id}.jpg", checked.data)
+                json_offset, json_size = tar.add(f"{image_id}.json", meta)
+                for c in labels:
                     result.box_counts[str(c)] = result.box_counts.get(str(c), 0) + 1
-                result.samples.append({
-                    "key": image_id, "shard": spec.name, "jpg_offset": jpg_offset, "jpg_size": jpg_size,
-                    "json_offset": json_offset, "json_size": json_size, "width": checked.width,
-                    "height": checked.height, "labels": sorted(set(sample["labels"])),
-                    "num_boxes": len(sample["labels"]),
-                })
-        h = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        result.sha256 = h.hexdigest()
-        result.bytes = os.path.getsize(tmp)
+                result.samples.append(
+                    {
+                        "key": image_id,
+                        "shard": spec.name,
+                        "jpg_offset": jpg_offset,
+                        "jpg_size": jpg_size,
+                        "json_offset": json_offset,
+                        "json_size": json_size,
+                        "width": checked.width,
+                        "height": checked.height,
+                        "labels": sorted(set(labels)),
+                        "num_boxes": len(labels),
+                    }
+                )
+            tar.close()
+            result.sha256 = writer.sha256.hexdigest()
+            f.flush()
+            result.bytes = f.tell()
         out.put_file(spec.name, tmp)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    out.put_bytes(report_name(spec.split, spec.index),
-                  json.dumps(asdict(result), sort_keys=True).encode())
+    out.put_bytes(report_name(spec.split, spec.index), json.dumps(vars(result), sort_keys=True).encode())
     return result
 
 
@@ -231,7 +303,11 @@ def load_complete(spec: ShardSpec, out: Storage) -> ShardResult | None:
         result = ShardResult(**data)
     except (ValueError, TypeError):
         return None
-    if result.fingerprint != spec.fingerprint or not out.exists(spec.name) or out.size(spec.name) != result.bytes:
+    if (
+        result.fingerprint != spec.fingerprint
+        or not out.exists(spec.name)
+        or out.size(spec.name) != result.bytes
+    ):
         return None
     result.skipped = True
     return result

@@ -50,20 +50,43 @@ SYNTH_TREE = {
     },
     "/m/syn_symbol": {"/m/syn_cross": {}, "/m/syn_star": {}},
 }
-DRAWN = ("/m/syn_triangle", "/m/syn_square", "/m/syn_diamond", "/m/syn_star", "/m/syn_circle",
-         "/m/syn_ellipse", "/m/syn_cross")
+DRAWN = (
+    "/m/syn_triangle",
+    "/m/syn_square",
+    "/m/syn_diamond",
+    "/m/syn_star",
+    "/m/syn_circle",
+    "/m/syn_ellipse",
+    "/m/syn_cross",
+)
 
 CLASSES_FILE = "classes-description.csv"
 HIERARCHY_FILE = "label-hierarchy.json"
-BOX_HEADER_TRAIN = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-                    "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+BOX_HEADER_TRAIN = [
+    "ImageID",
+    "Source",
+    "LabelName",
+    "Confidence",
+    "XMin",
+    "XMax",
+    "YMin",
+    "YMax",
+    "IsOccluded",
+    "IsTruncated",
+    "IsGroupOf",
+    "IsDepiction",
+    "IsInside",
+]
 BOX_HEADER_VALIDATION = ["ImageID", "XMin", "XMax", "YMin", "YMax", "IsGroupOf", "LabelName"]
 
 
 def split_files(split: str) -> dict[str, str]:
     """File names of one split inside a synthetic dataset directory."""
-    return {"boxes": f"{split}-annotations-bbox.csv", "labels": f"{split}-annotations-human-imagelabels.csv",
-            "images": split}
+    return {
+        "boxes": f"{split}-annotations-bbox.csv",
+        "labels": f"{split}-annotations-human-imagelabels.csv",
+        "images": split,
+    }
 
 
 @dataclass
@@ -100,8 +123,9 @@ def _shape_points(mid: str, cx: float, cy: float, w: float, h: float) -> list[tu
     return []
 
 
-def _draw(draw: ImageDraw.ImageDraw, mid: str, cx: float, cy: float, w: float, h: float,
-          color: tuple) -> tuple[float, float, float, float]:
+def _draw(
+    draw: ImageDraw.ImageDraw, mid: str, cx: float, cy: float, w: float, h: float, color: tuple
+) -> tuple[float, float, float, float]:
     """Draw one shape; returns its tight extent (x1, y1, x2, y2) in pixels, unclipped."""
     x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
     if mid in ("/m/syn_triangle", "/m/syn_diamond", "/m/syn_star"):
@@ -148,7 +172,9 @@ def render_image(rng: np.random.Generator, width: int, height: int) -> tuple[Ima
             cx, cy = rng.uniform(gx + w / 2, gx + gw - w / 2), rng.uniform(gy + h / 2, gy + gh - h / 2)
             extents.append(_draw(draw, mid, cx, cy, w, h, color))
         e = np.array(extents)
-        boxes.append(SynthBox(mid, (e[:, 0].min(), e[:, 1].min(), e[:, 2].max(), e[:, 3].max()), group_of=True))
+        boxes.append(
+            SynthBox(mid, (e[:, 0].min(), e[:, 1].min(), e[:, 2].max(), e[:, 3].max()), group_of=True)
+        )
 
     for _ in range(int(rng.integers(1, 5))):
         mid = DRAWN[int(rng.integers(len(DRAWN)))]
@@ -184,8 +210,15 @@ def _norm(v: float) -> str:
     return f"{min(max(v, 0.0), 1.0):.6f}"
 
 
-def generate(out_dir: str | Path, num_train: int = 200, num_validation: int = 50, seed: int = 0,
-             min_size: int = 96, max_size: int = 160, progress: bool = False) -> dict:
+def generate(
+    out_dir: str | Path,
+    num_train: int = 200,
+    num_validation: int = 50,
+    seed: int = 0,
+    min_size: int = 96,
+    max_size: int = 160,
+    progress: bool = False,
+) -> dict:
     """Write the dataset under ``out_dir``; returns a summary (counts per split and file names)."""
     from tqdm import tqdm
 
@@ -205,15 +238,38 @@ def generate(out_dir: str | Path, num_train: int = 200, num_validation: int = 50
             while (image_id := f"{int(rng.integers(0, 2**63)):016x}") in used_ids:
                 pass
             used_ids.add(image_id)
-            width, height = int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1))
+            width, height = (
+                int(rng.integers(min_size, max_size + 1)),
+                int(rng.integers(min_size, max_size + 1)),
+            )
             image, boxes = render_image(rng, width, height)
             image.save(out / files["images"] / f"{image_id}.jpg", format="JPEG", quality=92)
             for b in boxes:
                 x1, y1, x2, y2 = b.box
-                nx1, nx2, ny1, ny2 = _norm(x1 / width), _norm(x2 / width), _norm(y1 / height), _norm(y2 / height)
+                nx1, nx2, ny1, ny2 = (
+                    _norm(x1 / width),
+                    _norm(x2 / width),
+                    _norm(y1 / height),
+                    _norm(y2 / height),
+                )
                 if split == "train":
-                    box_rows.append([image_id, "xclick", b.mid, 1, nx1, nx2, ny1, ny2, int(b.occluded),
-                                     int(b.truncated), int(b.group_of), 0, 0])
+                    box_rows.append(
+                        [
+                            image_id,
+                            "xclick",
+                            b.mid,
+                            1,
+                            nx1,
+                            nx2,
+                            ny1,
+                            ny2,
+                            int(b.occluded),
+                            int(b.truncated),
+                            int(b.group_of),
+                            0,
+                            0,
+                        ]
+                    )
                 else:
                     box_rows.append([image_id, nx1, nx2, ny1, ny2, int(b.group_of), b.mid])
             n_boxes += len(boxes)
@@ -230,10 +286,17 @@ def generate(out_dir: str | Path, num_train: int = 200, num_validation: int = 50
                 else:
                     label_rows.append([image_id, mid, conf])
         box_header = BOX_HEADER_TRAIN if split == "train" else BOX_HEADER_VALIDATION
-        label_header = ["ImageID", "Source", "LabelName", "Confidence"] if split == "train" else [
-            "ImageID", "LabelName", "Confidence"]
+        label_header = (
+            ["ImageID", "Source", "LabelName", "Confidence"]
+            if split == "train"
+            else ["ImageID", "LabelName", "Confidence"]
+        )
         (out / files["boxes"]).write_text(_csv_text(box_header, box_rows))
         (out / files["labels"]).write_text(_csv_text(label_header, label_rows))
-        summary["splits"][split] = {**files, "images_count": count, "boxes_count": n_boxes,
-                                    "image_labels_count": len(label_rows)}
+        summary["splits"][split] = {
+            **files,
+            "images_count": count,
+            "boxes_count": n_boxes,
+            "image_labels_count": len(label_rows),
+        }
     return summary

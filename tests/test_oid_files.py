@@ -150,3 +150,21 @@ def test_files_share_one_image_coder(tmp_path):
     assert coder.ids == ["img1", "img2"]
     assert box_table.rows_of(coder.get("img2")) == slice(0, 0)  # seen first in the later file
     assert label_table.label[label_table.rows_of(coder.get("img1"))].tolist() == [1]
+
+
+def test_duplicate_detection_matches_a_plain_python_reference():
+    from data_prep.oid_files import _first_of_duplicates
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+    img = np.sort(rng.integers(0, 3000, n)).astype(np.int32)
+    lab = rng.integers(0, 5, n).astype(np.int16)
+    box = rng.integers(0, 3, (n, 4)).astype(np.float32) / 4
+    group = rng.integers(0, 2, n).astype(np.int8)
+    seen, expected = set(), np.ones(n, dtype=bool)
+    for i in range(n):
+        key = (img[i], lab[i], group[i], *box[i].tolist())
+        expected[i] = key not in seen
+        seen.add(key)
+    assert (~expected).sum() > 10  # the data has duplicates, some of them triples
+    np.testing.assert_array_equal(_first_of_duplicates(img, lab, box, group), expected)
