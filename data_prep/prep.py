@@ -408,6 +408,7 @@ def run_prep(
             counts = dict(plan.counts)
             counts["images_written"] = written
             counts["boxes_written"] = int(sum(s["num_boxes"] for r in results for s in r.samples))
+            counts["annotated_boxes_written"] = sum(r.annotated_boxes for r in results)
             counts["shards"] = len(results)
             counts["shards_skipped_complete"] = sum(r.skipped for r in results)
             manifest.setdefault("splits", {})[split] = {
@@ -445,7 +446,8 @@ def summary_lines(manifest: dict) -> list[str]:
         c = s["counts"]
         rejected = s["rejects"]["counts"]
         lines.append(
-            f"  {split}: {c['images_written']} images, {c['boxes_written']} boxes in {c['shards']} shards "
+            f"  {split}: {c['images_written']} images, {c['boxes_written']} boxes "
+            f"({c['annotated_boxes_written']} annotated, the rest added for ancestor classes) in {c['shards']} shards "
             f"({c['shards_skipped_complete']} already complete); rejects: "
             + (", ".join(f"{k}={v}" for k, v in rejected.items()) or "none")
             + (f"; changed: {', '.join(f'{k}={v}' for k, v in s['changes'].items())}" if s["changes"] else "")

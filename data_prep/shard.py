@@ -111,6 +111,7 @@ class ShardResult:
     rejects: list[dict] = field(default_factory=list)
     changes: dict[str, int] = field(default_factory=dict)
     box_counts: dict[str, int] = field(default_factory=dict)  # class index -> boxes written (expanded)
+    annotated_boxes: int = 0  # boxes written that came from the CSV (not added for an ancestor class)
     skipped: bool = False  # found complete from an earlier run
 
 
@@ -265,6 +266,7 @@ def write_shard(
                 meta = json.dumps(sample, sort_keys=True, separators=(",", ":")).encode()
                 jpg_offset, jpg_size = tar.add(f"{image_id}.jpg", checked.data)
                 json_offset, json_size = tar.add(f"{image_id}.json", meta)
+                result.annotated_boxes += int((targets.added[b0:b1] == 0).sum())
                 for c in labels:
                     result.box_counts[str(c)] = result.box_counts.get(str(c), 0) + 1
                 result.samples.append(
