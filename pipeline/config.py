@@ -22,6 +22,7 @@ import yaml
 
 from data_prep.config import DataConfig, PrepConfig
 from data_prep.errors import ConfigError
+from tsd_model.config import ModelConfig
 
 T = TypeVar("T")
 
@@ -33,6 +34,7 @@ class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 def _type_name(tp: Any) -> str:

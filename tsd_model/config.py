@@ -1,0 +1,115 @@
+"""Model configuration: every architectural choice of the detector, with the paper's defaults.
+
+``num_classes`` counts foreground classes (COCO 80, OID 500); the heads add background, so the
+COCO heads have 81 outputs. Choices the paper leaves open are explicit fields whose default is
+the TSD authors' behaviour, with a comment saying so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class BackboneConfig:
+    name: Literal["resnet50", "resnet101", "resnet152", "resnext101_32x4d", "resnext101_64x4d", "senet154",
+                  "mobilenet_v2", "tiny"] = "resnet50"
+    dcn: Literal["none", "v1", "v2"] = "none"  # deformable 3x3 convs in the bottlenecks of dcn_stages
+    dcn_stages: list[int] = field(default_factory=lambda: [3, 4, 5])  # c3-c5
+    norm: Literal["bn", "frozen_bn"] = "bn"  # frozen_bn for fine-tuning from ImageNet; SyncBN is set by training
+    frozen_stages: int = 0  # stem and the first N stages get no gradient (1 with ImageNet weights)
+    fpn_channels: int = 256
+    tiny_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # only for name=tiny
+
+
+@dataclass
+class RPNConfig:
+    anchor_scales: list[float] = field(default_factory=lambda: [8.0])  # x stride; OID: [8, 11, 14]
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # h/w; OID: [0.1, .5, 1, 2, 4, 8]
+    anchor_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # P2-P6
+    fg_iou: float = 0.7
+    bg_iou: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 2000
+    post_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_test: int = 1000
+    nms_iou: float = 0.7
+
+
+@dataclass
+class RoIConfig:
+    head: Literal["sibling", "double", "tsd"] = "tsd"
+    pool_size: int = 7
+    sampling_ratio: int = 2
+    representation_size: int = 1024  # width of the 2fc branches
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou: float = 0.5
+    target_stds: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
+    smooth_l1_beta: float = 1.0  # mmdetection v1 (the authors' base); torchvision uses 1/9
+    add_gt_as_proposals: bool = True
+
+
+@dataclass
+class TSDConfig:
+    gamma: float = 0.1  # offsets in units of the proposal's (w, h)
+    offset_hidden: int = 256  # shared first fc and the hidden layer of the dC/dR nets
+    samples_per_bin: int = 2  # s x s bilinear samples averaged per bin (the authors used 4x4)
+    joint_sibling: bool = True  # train the classical sibling head jointly (dropped at inference)
+    pc_cls: bool = True  # progressive constraint on classification (Mcls)
+    pc_loc: bool = True  # progressive constraint on localization (Mloc)
+    margin_cls: float = 0.2  # m_c (paper ablations 0.2; its test-dev runs 0.5; authors' configs 0.3)
+    margin_loc: float = 0.2  # m_r
+    delta_r_grad_through_targets: bool = True  # authors: regression targets encoded against P-hat-r keep grad
+
+
+@dataclass
+class CascadeConfig:
+    enabled: bool = False
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])
+    stage_stds: list[list[float]] = field(default_factory=lambda: [
+        [0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]])
+    stage_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # TSD authors; classical 1/.5/.25
+
+
+@dataclass
+class TestConfig:
+    score_thresh: float = 0.05
+    nms: Literal["nms", "soft_linear", "soft_gaussian"] = "nms"
+    nms_iou: float = 0.5
+    soft_nms_sigma: float = 0.5
+    max_detections: int = 100
+    tta_scales: list[int] = field(default_factory=list)  # shorter sides for multi-scale test; empty = off
+    tta_flip: bool = False
+
+
+@dataclass
+class InputConfig:
+    min_size: int = 800
+    max_size: int = 1333
+    size_divisible: int = 32
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # on [0, 1] RGB
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class WeightsConfig:
+    backbone: str | None = None  # local ImageNet weights (torchvision or timm names); never downloaded
+    checkpoint: str | None = None  # a full detector checkpoint (ours)
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIConfig = field(default_factory=RoIConfig)
+    tsd: TSDConfig = field(default_factory=TSDConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)

@@ -1,0 +1,76 @@
+"""From per-RoI class scores and boxes to detections: thresholds, NMS or Soft-NMS, top-k."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from tsd_model.config import TestConfig
+
+
+def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, method: str,
+             score_threshold: float) -> tuple[Tensor, Tensor]:
+    """Soft-NMS (Bodla et al. 2017) of one class: decays overlapping scores instead of removing.
+
+    ``method`` is ``"linear"`` (score *= 1 - IoU above the threshold) or ``"gaussian"``
+    (score *= exp(-IoU^2 / sigma)). Returns the kept indices (in selection order) and their
+    decayed scores; boxes whose score falls below ``score_threshold`` are dropped.
+    """
+    scores = scores.clone()
+    remaining = torch.arange(len(scores), device=scores.device)
+    keep, kept_scores = [], []
+    while remaining.numel():
+        top = torch.argmax(scores[remaining])
+        best = remaining[top]
+        keep.append(best)
+        kept_scores.append(scores[best])
+        remaining = torch.cat([remaining[:top], remaining[top + 1 :]])
+        if remaining.numel() == 0:
+            break
+        iou = box_iou(boxes[best][None], boxes[remaining])[0]
+        if method == "linear":
+            decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+        else:
+            decay = torch.exp(-(iou * iou) / sigma)
+        scores[remaining] = scores[remaining] * decay
+        remaining = remaining[scores[remaining] >= score_threshold]
+    if not keep:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device), scores[:0]
+    return torch.stack(keep), torch.stack(kept_scores)
+
+
+def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, cfg: TestConfig) -> tuple[Tensor, Tensor]:
+    """Per-class NMS or Soft-NMS; returns kept indices sorted by (decayed) score and those scores."""
+    if cfg.nms == "nms":
+        keep = batched_nms(boxes, scores, labels, cfg.nms_iou)
+        return keep, scores[keep]
+    # offset each class into its own region so that one pass never mixes classes (as batched_nms does)
+    offset = labels.to(boxes) * (boxes.max() + 1)
+    keep, new_scores = soft_nms(boxes + offset[:, None], scores, cfg.nms_iou, cfg.soft_nms_sigma,
+                                cfg.nms.removeprefix("soft_"), cfg.score_thresh)
+    order = torch.argsort(new_scores, descending=True)
+    return keep[order], new_scores[order]
+
+
+def postprocess_detections(boxes: Tensor, scores: Tensor, image_size: tuple[int, int], cfg: TestConfig
+                           ) -> dict[str, Tensor]:
+    """One image: ``boxes`` ``[R, K, 4]`` (K = C + 1, or 1 when class-agnostic), ``scores`` ``[R, C + 1]``.
+
+    Returns ``boxes`` (x1, y1, x2, y2 in network-input pixels), ``scores`` and ``labels`` as 0-based
+    foreground class indices (the data layer's indices).
+    """
+    num_classes = scores.shape[1] - 1
+    if boxes.shape[1] == 1:
+        boxes = boxes.expand(-1, num_classes + 1, 4)
+    boxes = clip_boxes_to_image(boxes.reshape(-1, 4), image_size).view(-1, num_classes + 1, 4)
+    labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand(len(scores), -1)
+    boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
+    labels = labels.reshape(-1)
+    idx = torch.nonzero(scores > cfg.score_thresh).flatten()
+    boxes, scores, labels = boxes[idx], scores[idx], labels[idx]
+    idx = remove_small_boxes(boxes, min_size=1e-2)
+    boxes, scores, labels = boxes[idx], scores[idx], labels[idx]
+    keep, kept_scores = class_aware_nms(boxes, scores, labels, cfg)
+    keep, kept_scores = keep[: cfg.max_detections], kept_scores[: cfg.max_detections]
+    return {"boxes": boxes[keep], "scores": kept_scores, "labels": labels[keep]}
