@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 
 def deform_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None, output_size: int,
@@ -82,9 +83,11 @@ def fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 2
 class MultiScaleDeformRoIPool(nn.Module):
     """Deformable RoI pooling over FPN levels, the level chosen from the proposal's own size.
 
-    Like ``torchvision.ops.MultiScaleRoIAlign``: it infers each level's scale from the feature
-    and image sizes on its call. ``levels`` lets a derived box (P-hat-c, P-hat-r) be pooled at the
-    level of the proposal it came from.
+    Like ``torchvision.ops.MultiScaleRoIAlign`` (which it replaces for P, with ``aligned=True``
+    sampling so that P, P-hat-c and P-hat-r share one sampling grid): it infers each level's scale
+    from the feature and image sizes on its call. Without offsets it runs torchvision's compiled
+    ``roi_align``. ``levels`` lets a derived box (P-hat-c, P-hat-r) be pooled at the level of the
+    proposal it came from.
     """
 
     def __init__(self, featmap_names: list[str], output_size: int = 7, sampling_ratio: int = 2) -> None:
@@ -119,6 +122,10 @@ class MultiScaleDeformRoIPool(nn.Module):
             idx = torch.nonzero(levels == level).flatten()
             if idx.numel() == 0:
                 continue
-            out[idx] = deform_roi_pool(features[name], rois[idx], None if offsets is None else offsets[idx],
-                                       self.output_size, scale, self.sampling_ratio)
+            if offsets is None:  # plain RoIAlign: torchvision's compiled kernel, same sampling grid
+                out[idx] = roi_align(features[name], rois[idx].to(features[name].dtype), self.output_size, scale,
+                                     self.sampling_ratio, aligned=True).to(out.dtype)
+            else:
+                out[idx] = deform_roi_pool(features[name], rois[idx], offsets[idx], self.output_size, scale,
+                                           self.sampling_ratio)
         return out

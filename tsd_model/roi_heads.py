@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import box_iou
 
 from tsd_model import losses as L
 from tsd_model.boxes import box_coder, box_wh, translate
@@ -46,7 +46,7 @@ class RoIStage(nn.Module):
         num_outputs = cfg.num_classes + 1
         num_reg = 1 if class_agnostic else num_outputs
         in_features = in_channels * k * k
-        self.pool = MultiScaleRoIAlign(FEATMAP_NAMES, k, roi.sampling_ratio)
+        self.pool = MultiScaleDeformRoIPool(FEATMAP_NAMES, k, roi.sampling_ratio)
         self.coder = box_coder(stds)
         self.matcher = det_utils.Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(roi.batch_size_per_image, roi.positive_fraction)
@@ -90,7 +90,8 @@ class RoIStage(nn.Module):
             with_sibling: bool) -> dict[str, Tensor]:
         """Raw head outputs for the RoIs ``proposals`` (concatenated over images in ``'boxes'``)."""
         boxes = torch.cat(proposals)
-        pooled = self.pool(features, proposals, image_sizes)
+        image_size = _padded_size(image_sizes, features)
+        pooled = self.pool(features, proposals, image_size).to(features[FEATMAP_NAMES[0]].dtype)
         out: dict[str, Tensor] = {"boxes": boxes}
         if self.sibling is not None and (with_sibling or self.head_type == "sibling"):
             out["sibling_logits"], out["sibling_deltas"] = self.sibling(pooled)
@@ -103,7 +104,6 @@ class RoIStage(nn.Module):
             wh = box_wh(boxes).to(delta_c.dtype)
             offsets_c = self.tsd_cfg.gamma * delta_c * wh[:, None, None, :]  # per-bin pixels
             shift_r = self.tsd_cfg.gamma * delta_r * wh  # one translation per RoI
-            image_size = _padded_size(image_sizes, features)
             scales = self.deform_pool.scales(features, image_size)
             levels = self.deform_pool.levels_of(boxes, scales)  # P-hat-c and P-hat-r pool at P's level
             feat_c = self.deform_pool(features, proposals, image_size, offsets_c, levels)

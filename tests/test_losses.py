@@ -1,0 +1,67 @@
+"""Progressive constraint losses on hand-computed numbers; regression loss normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tsd_model.boxes import paired_iou
+from tsd_model.losses import box_regression_loss, pc_cls_loss, pc_loc_loss
+
+
+def test_pc_cls_hand_computed():
+    sibling = torch.zeros(2, 3)  # p = 1/3 for every class
+    tsd = torch.tensor([[math.log(2.0), 0.0, 0.0], [math.log(2.0), 0.0, 0.0]])  # p = (.5, .25, .25)
+    labels = torch.tensor([0, 1])
+    # RoI 0: relu(1/3 + .2 - .5) = 1/30; RoI 1: relu(1/3 + .2 - .25) = 17/60
+    assert pc_cls_loss(tsd, sibling, labels, 0.2).item() == pytest.approx((1 / 30 + 17 / 60) / 2, abs=1e-6)
+
+
+def test_pc_cls_margin_is_capped_so_the_target_never_exceeds_one():
+    sibling = torch.tensor([[math.log(9.0), 0.0]])  # p_sib[0] = 0.9
+    tsd = torch.tensor([[math.log(3.0), 0.0]])  # p_tsd[0] = 0.75
+    # m' = min(1 - .9, .5) = .1 -> target 1.0 -> loss .25 (an uncapped margin would give .65)
+    assert pc_cls_loss(tsd, sibling, torch.tensor([0]), 0.5).item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_pc_cls_gradient_reaches_tsd_only():
+    sibling = torch.zeros(1, 3, requires_grad=True)
+    tsd = torch.zeros(1, 3, requires_grad=True)
+    pc_cls_loss(tsd, sibling, torch.tensor([2]), 0.2).backward()
+    assert sibling.grad is None or sibling.grad.abs().sum() == 0
+    assert tsd.grad[0, 2] < 0  # raising the target logit lowers the loss
+
+
+def test_pc_loc_hand_computed():
+    gt = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 10]])
+    sibling = torch.tensor([[0.0, 0, 10, 8], [0.0, 0, 10, 9]])  # IoU .8 and .9
+    tsd = torch.tensor([[0.0, 0, 10, 9], [0.0, 0, 10, 9]], requires_grad=True)  # IoU .9 and .9
+    # box 0: m' = .2 -> relu(.8 + .2 - .9) = .1; box 1: m' = min(.1, .2) -> relu(.9 + .1 - .9) = .1
+    loss = pc_loc_loss(tsd, sibling, gt, 0.2)
+    assert loss.item() == pytest.approx(0.1, abs=1e-6)
+    loss.backward()
+    assert tsd.grad.abs().sum() > 0
+
+
+def test_pc_loc_is_zero_when_tsd_beats_the_margin_and_empty_is_zero():
+    gt = torch.tensor([[0.0, 0, 10, 10]])
+    assert pc_loc_loss(gt.clone(), torch.tensor([[0.0, 0, 10, 5]]), gt, 0.2).item() == 0.0
+    assert pc_loc_loss(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4), 0.2).item() == 0.0
+
+
+def test_paired_iou():
+    a = torch.tensor([[0.0, 0, 2, 2], [0.0, 0, 1, 1]])
+    b = torch.tensor([[1.0, 1, 3, 3], [2.0, 2, 3, 3]])
+    torch.testing.assert_close(paired_iou(a, b), torch.tensor([1 / 7, 0.0]))
+
+
+def test_box_loss_uses_the_target_class_and_averages_over_all_rois():
+    deltas = torch.zeros(4, 3, 4)
+    deltas[0, 2] = 1.0  # the prediction for RoI 0's class
+    deltas[0, 1] = 5.0  # another class: ignored
+    targets = torch.zeros(4, 4)
+    labels = torch.tensor([2, 0, 0, 0])
+    # smooth-L1 with beta 1 of 1.0 = 0.5 per coordinate, 4 coordinates, / 4 RoIs
+    assert box_regression_loss(deltas, targets, labels, beta=1.0).item() == pytest.approx(0.5)
