@@ -78,6 +78,8 @@ class CascadeConfig:
 
 @dataclass
 class TestConfig:
+    __test__ = False  # not a pytest test class
+
     score_thresh: float = 0.05
     nms: Literal["nms", "soft_linear", "soft_gaussian"] = "nms"
     nms_iou: float = 0.5

@@ -50,11 +50,11 @@ class RoIStage(nn.Module):
         self.coder = box_coder(stds)
         self.matcher = det_utils.Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(roi.batch_size_per_image, roi.positive_fraction)
-        self.sibling = self.double = self.tsd = None
+        self.sibling = self.dhead = self.tsd = None
         if roi.head == "sibling" or (roi.head == "tsd" and tsd.joint_sibling):
             self.sibling = SiblingHead(in_features, roi.representation_size, num_outputs, num_reg)
         if roi.head == "double":
-            self.double = DoubleHead(in_features, roi.representation_size, num_outputs, num_reg)
+            self.dhead = DoubleHead(in_features, roi.representation_size, num_outputs, num_reg)
         if roi.head == "tsd":
             self.tsd = TSDHead(in_features, roi.representation_size, num_outputs, num_reg, tsd.offset_hidden, k)
             self.deform_pool = MultiScaleDeformRoIPool(FEATMAP_NAMES, k, tsd.samples_per_bin)
@@ -95,8 +95,8 @@ class RoIStage(nn.Module):
         out: dict[str, Tensor] = {"boxes": boxes}
         if self.sibling is not None and (with_sibling or self.head_type == "sibling"):
             out["sibling_logits"], out["sibling_deltas"] = self.sibling(pooled)
-        if self.double is not None:
-            out["logits"], out["deltas"] = self.double.classify(pooled), self.double.regress(pooled)
+        if self.dhead is not None:
+            out["logits"], out["deltas"] = self.dhead.classify(pooled), self.dhead.regress(pooled)
             out["reg_boxes"] = boxes
         if self.tsd is not None:
             k = self.deform_pool.output_size

@@ -1,0 +1,243 @@
+"""The detector: the paper's parameter counts, a training step, inference paths, cascade, weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from data_prep.errors import InputError
+from tests.model_utils import tiny_model_config, toy_batch
+from tsd_model.build import build_model, modules_skipped_at_inference
+from tsd_model.config import ModelConfig, TestConfig
+from tsd_model.postprocess import postprocess_detections, soft_nms
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _coco(head: str, joint: bool = True) -> ModelConfig:
+    cfg = ModelConfig(num_classes=80)
+    cfg.roi.head, cfg.tsd.joint_sibling = head, joint
+    return cfg
+
+
+def test_parameter_counts_are_the_papers():
+    sibling = build_model(_coco("sibling"))
+    assert _count(sibling) == 41_757_156
+    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81)
+    assert _count(tv) == _count(sibling)
+    assert round(_count(build_model(_coco("double"))) / 1e6, 2) == 55.65
+    assert round(_count(build_model(_coco("tsd", joint=False))) / 1e6, 2) == 59.02
+    tsd = build_model(_coco("tsd"))
+    assert round(_count(tsd) / 1e6, 2) == 73.33
+    skipped = modules_skipped_at_inference(tsd)
+    assert skipped == ["roi_heads.stages.0.sibling"]
+    skipped_params = sum(p.numel() for p in tsd.roi_heads.stages[0].sibling.parameters())
+    assert round((_count(tsd) - skipped_params) / 1e6, 2) == 59.02
+
+
+def test_torchvision_checkpoint_loads_into_the_sibling_model(tmp_path):
+    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81)
+    ours = build_model(_coco("sibling"))
+    renamed = {k.replace("roi_heads.box_head.", "roi_heads.stages.0.sibling.box_head.")
+               .replace("roi_heads.box_predictor.", "roi_heads.stages.0.sibling."): v for k, v in tv.state_dict().items()}
+    assert set(renamed) == set(ours.state_dict())
+
+
+def test_training_step_losses_and_gradients():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    images, targets = toy_batch()
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_sibling_cls", "loss_sibling_box",
+                           "loss_tsd_cls", "loss_tsd_box", "loss_pc_cls", "loss_pc_loc"}
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    # the last layers of the dC/dR nets start at zero (P-hat = P), so the layers before them get
+    # gradient from the second step on: take one step, then look at every part of the network
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    model.zero_grad()
+    sum(model(images, targets).values()).backward()
+    params = dict(model.named_parameters())
+    for name in ("roi_heads.stages.0.tsd.offsets.delta_c.2.weight", "roi_heads.stages.0.tsd.offsets.delta_r.2.weight",
+                 "roi_heads.stages.0.tsd.offsets.shared.0.weight", "roi_heads.stages.0.tsd.branches.cls_branch.fc6.weight",
+                 "roi_heads.stages.0.tsd.branches.reg_branch.fc6.weight", "roi_heads.stages.0.sibling.box_head.fc6.weight",
+                 "backbone.body.layer1.0.0.weight", "backbone.fpn.inner_blocks.0.0.weight", "rpn.head.conv.0.0.weight"):
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+
+
+def test_inference_skips_the_sibling_and_returns_image_coordinates():
+    model = build_model(tiny_model_config())
+    calls = []
+    model.roi_heads.stages[0].sibling.register_forward_hook(lambda *a: calls.append(1))
+    images, targets = toy_batch()
+    model.train()
+    model(images, targets)
+    assert calls == [1]
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    assert calls == [1]  # not run at inference
+    for out, image in zip(outputs, images, strict=True):
+        h, w = image.shape[-2:]
+        assert out["boxes"].shape[1] == 4 and len(out["boxes"]) == len(out["scores"]) == len(out["labels"])
+        assert (out["boxes"][:, 2] <= w + 1e-3).all() and (out["boxes"][:, 3] <= h + 1e-3).all()
+        assert ((out["labels"] >= 0) & (out["labels"] < 12)).all()
+        assert (out["scores"][:-1] >= out["scores"][1:]).all()
+
+
+def test_tsd_regression_is_decoded_against_the_translated_proposal():
+    model = build_model(tiny_model_config())
+    stage = model.roi_heads.stages[0]
+    with torch.no_grad():
+        stage.tsd.offsets.delta_r[-1].bias.copy_(torch.tensor([0.5, -0.25]))
+    model.eval()
+    images, _ = toy_batch()
+    batch, _ = model.transform([i.float() / 255 for i in images])
+    features = model.backbone(batch.tensors)
+    proposals = [torch.tensor([[10.0, 10, 50, 90]]), torch.tensor([[0.0, 0, 20, 40]])]
+    out = stage.run(features, proposals, batch.image_sizes, with_sibling=False)
+    expected = torch.tensor([[12.0, 8, 52, 88], [1.0, -1, 21, 39]])  # gamma .1 * (w, h) * (.5, -.25)
+    torch.testing.assert_close(out["reg_boxes"], expected)
+    zero = out["deltas"] * 0
+    decoded = stage.decode({**out, "deltas": zero})
+    torch.testing.assert_close(decoded[:, 0], expected)
+
+
+@pytest.mark.parametrize("through_targets", [True, False])
+def test_delta_r_gradient_through_regression_targets_is_a_switch(through_targets):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(f"tsd.delta_r_grad_through_targets={str(through_targets).lower()}"))
+    branches = model.roi_heads.stages[0].tsd.branches
+    with torch.no_grad():  # zero regression output: the only path from dR to the box loss is the targets
+        branches.bbox_pred.weight.zero_()
+        branches.bbox_pred.bias.zero_()
+    images, targets = toy_batch()
+    model.train()
+    model(images, targets)["loss_tsd_box"].backward()
+    grad = model.roi_heads.stages[0].tsd.offsets.delta_r[-1].weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == through_targets
+
+
+def test_cascade_trains_with_stage_losses_and_averages_stages_at_test():
+    model = build_model(tiny_model_config("cascade.enabled=true", "cascade.stage_weights=[1.0,0.5,0.25]"))
+    images, targets = toy_batch()
+    model.train()
+    losses = model(images, targets)
+    for i in range(3):
+        assert {f"loss_tsd_cls_s{i}", f"loss_tsd_box_s{i}", f"loss_pc_cls_s{i}", f"loss_pc_loc_s{i}"} <= set(losses)
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+
+
+@pytest.mark.parametrize("head", ["sibling", "double"])
+def test_baseline_heads_train_and_infer(head):
+    model = build_model(tiny_model_config(f"roi.head={head}"))
+    images, targets = toy_batch()
+    model.train()
+    losses = model(images, targets)
+    assert f"loss_{head}_cls" in losses and "loss_pc_cls" not in losses
+    model.eval()
+    with torch.no_grad():
+        assert len(model(images)) == 2
+
+
+@pytest.mark.parametrize("dcn", ["v1", "v2"])
+def test_dcn_backbones_start_as_the_plain_network(dcn):
+    cfg = ModelConfig(num_classes=3)
+    cfg.backbone.dcn = dcn
+    plain_cfg = ModelConfig(num_classes=3)
+    torch.manual_seed(0)
+    plain = build_model(plain_cfg).backbone.eval()
+    deformable = build_model(cfg).backbone.eval()
+    convs = [m for m in deformable.modules() if type(m).__name__ == "DeformableConv2d"]
+    assert len(convs) == 4 + 6 + 3  # every bottleneck of c3-c5 in ResNet-50
+    deformable.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(x), deformable(x)
+    if dcn == "v1":
+        torch.testing.assert_close(a["0"], b["0"], atol=1e-4, rtol=1e-4)
+    assert all(torch.isfinite(v).all() for v in b.values())
+
+
+def test_autocast_bf16_training_step_on_cpu():
+    model = build_model(tiny_model_config())
+    images, targets = toy_batch()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(v.dtype == torch.float32 and math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_soft_nms_decays_instead_of_removing():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    keep, new = soft_nms(boxes, scores, 0.3, 0.5, "linear", 0.001)
+    iou = 90 / 110
+    assert keep.tolist() == [0, 2, 1]
+    torch.testing.assert_close(new, torch.tensor([0.9, 0.7, 0.8 * (1 - iou)]))
+    keep_g, new_g = soft_nms(boxes, scores, 0.3, 0.5, "gaussian", 0.001)
+    torch.testing.assert_close(new_g[2], torch.tensor(0.8 * math.exp(-(iou**2) / 0.5)))
+
+
+def test_postprocess_threshold_nms_and_max_detections():
+    boxes = torch.tensor([[[0.0, 0, 1, 1], [0, 0, 10, 10], [0, 0, 10, 10]],
+                          [[0.0, 0, 1, 1], [1, 0, 11, 10], [20, 20, 30, 30]]])
+    scores = torch.tensor([[0.1, 0.8, 0.04], [0.1, 0.7, 0.6]])
+    out = postprocess_detections(boxes, scores, (100, 100), TestConfig(score_thresh=0.05, nms_iou=0.5))
+    assert out["labels"].tolist() == [0, 1] and out["scores"].tolist() == pytest.approx([0.8, 0.6])
+    capped = postprocess_detections(boxes, scores, (100, 100), TestConfig(score_thresh=0.05, max_detections=1))
+    assert len(capped["scores"]) == 1
+    soft = postprocess_detections(boxes, scores, (100, 100), TestConfig(score_thresh=0.05, nms="soft_gaussian"))
+    assert len(soft["scores"]) == 3  # the overlapping class-0 box is decayed, not removed
+
+
+def test_tta_merges_scales_and_flips():
+    model = build_model(tiny_model_config())
+    images, _ = toy_batch()
+    out = model.detect_tta(images, scales=[128, 160], flip=True, test=TestConfig(score_thresh=0.0, max_detections=30))
+    assert len(out) == 2
+    for o, image in zip(out, images, strict=True):
+        assert len(o["boxes"]) == 30 and (o["boxes"][:, 2] <= image.shape[-1] + 1e-3).all()
+    assert model.transform.min_size == (160,)  # restored
+
+
+def test_backbone_weights_load_by_name_and_errors_are_clear(tmp_path):
+    resnet = torchvision.models.resnet50(weights=None)
+    path = tmp_path / "r50.pth"
+    torch.save({"state_dict": resnet.state_dict()}, path)
+    cfg = ModelConfig(num_classes=3)
+    cfg.backbone.dcn = "v1"
+    cfg.weights.backbone = str(path)
+    model = build_model(cfg)
+    torch.testing.assert_close(model.backbone.body.layer3[0].conv2.weight, resnet.layer3[0].conv2.weight)
+    torch.testing.assert_close(model.backbone.body.conv1.weight, resnet.conv1.weight)
+    cfg.weights.backbone = str(tmp_path / "missing.pth")
+    with pytest.raises(InputError, match="weights file not found"):
+        build_model(cfg)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    cfg.weights.backbone = str(tmp_path / "r18.pth")
+    with pytest.raises(InputError, match="shape"):
+        build_model(cfg)
+
+
+def test_full_checkpoint_round_trip(tmp_path):
+    model = build_model(tiny_model_config())
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict()}, path)
+    again = build_model(tiny_model_config(f"weights.checkpoint={path}"))
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    with pytest.raises(InputError, match="does not match"):
+        build_model(tiny_model_config("roi.head=double", f"weights.checkpoint={path}"))
