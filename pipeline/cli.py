@@ -56,6 +56,30 @@ def cmd_prep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from tsd_model.build import build_model
+    from tsd_model.info import model_info
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model)
+    info = model_info(model, None if args.no_flops else (args.height, args.width))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{cfg.name}: {cfg.model.backbone.name} backbone, {cfg.model.roi.head} head"
+          f"{' (cascade)' if cfg.model.cascade.enabled else ''}, {cfg.model.num_classes} classes")
+    print(f"  parameters, total:        {info['total_params']:>13,}")
+    print(f"  parameters, at inference: {info['inference_params']:>13,}"
+          + (f"  (without {', '.join(info['skipped_at_inference'])})" if info["skipped_at_inference"] else ""))
+    for name, n in info["params_by_module"].items():
+        print(f"    {name:<22} {n:>13,}")
+    if "flops" in info:
+        h, w = info["flops_image"]
+        print(f"  FLOPs for one {h}x{w} image: {info['flops'] / 1e9:,.1f} G")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsd", description="TSD object detectors on OpenImages, on Ray.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -77,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("model-info", help="parameter counts and FLOPs of a config's detector")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it runs one forward pass)")
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--width", type=int, default=1216)
+    p.set_defaults(func=cmd_model_info)
     return parser
 
 
