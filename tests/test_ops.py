@@ -84,3 +84,15 @@ def test_autocast_keeps_the_sampling_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = deform_roi_pool(features.bfloat16(), rois, torch.zeros(5, 7, 7, 2), 7, 0.25, 2)
     assert out.dtype == torch.float32
+
+
+def test_translation_fast_path_at_inference_equals_the_grid_path():
+    g = torch.Generator().manual_seed(0)
+    features = {k: torch.randn(1, 4, s, s, generator=g) for k, s in {"0": 64, "1": 32, "2": 16, "3": 8}.items()}
+    boxes = [torch.tensor([[4.0, 4, 30, 40], [10, 20, 200, 250], [50, 60, 160, 130]])]
+    shift = torch.tensor([[3.0, -2.0], [10.0, 7.5], [-4.0, 1.0]])[:, None, None, :].expand(-1, 7, 7, 2)
+    pool = MultiScaleDeformRoIPool(["0", "1", "2", "3"], 7, 2)
+    with_grad = pool(features, boxes, (256, 256), shift, translation_only=True)  # grad on: grid path
+    with torch.no_grad():
+        fast = pool(features, boxes, (256, 256), shift, translation_only=True)  # roi_align on moved boxes
+    torch.testing.assert_close(fast, with_grad.detach(), atol=1e-4, rtol=0)

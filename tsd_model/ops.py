@@ -55,8 +55,9 @@ def deform_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None, outp
         xs = xs + off[..., 0]
         ys = ys + off[..., 1]
     grid = torch.stack([(2 * xs + 1) / width - 1, (2 * ys + 1) / height - 1], dim=-1)  # [K, ks, ks, 2]
-    feats = features.to(dtype)
-    out = feats.new_empty((num, channels, k * s, k * s))
+    # channels-last: each bilinear sample then reads the C values of a pixel from one place
+    feats = features.to(dtype).contiguous(memory_format=torch.channels_last)
+    out = feats.new_empty((num, channels, k, k))
     batch_index = rois[:, 0].long()
     for b in range(n_img):
         idx = torch.nonzero(batch_index == b).flatten()
@@ -64,8 +65,13 @@ def deform_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None, outp
             continue
         g = grid[idx].reshape(1, idx.numel() * k * s, k * s, 2)
         sampled = F.grid_sample(feats[b : b + 1], g, mode="bilinear", padding_mode="border", align_corners=False)
-        out[idx] = sampled.view(channels, idx.numel(), k * s, k * s).transpose(0, 1)  # [n, C, ks, ks]
-    return F.avg_pool2d(out, kernel_size=s, stride=s) if s > 1 else out
+        if s > 1:  # average the s x s samples of each bin before anything is copied ([1, C, n*k, k])
+            sampled = F.avg_pool2d(sampled, kernel_size=s, stride=s)
+        pooled = sampled.view(channels, idx.numel(), k, k).transpose(0, 1)  # [n, C, k, k]
+        if idx.numel() == num:
+            return pooled.contiguous()
+        out[idx] = pooled
+    return out
 
 
 def fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224.0,
@@ -109,14 +115,18 @@ class MultiScaleDeformRoIPool(nn.Module):
         return fpn_levels(boxes, k_min, k_max)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_size: tuple[int, int],
-                offsets: Tensor | None = None, levels: Tensor | None = None) -> Tensor:
-        """``boxes``: per-image ``[n_i, 4]``; ``offsets``: ``[sum n_i, k, k, 2]``; returns ``[sum n_i, C, k, k]``."""
+                offsets: Tensor | None = None, levels: Tensor | None = None, translation_only: bool = False) -> Tensor:
+        """``boxes``: per-image ``[n_i, 4]``; ``offsets``: ``[sum n_i, k, k, 2]``; returns ``[sum n_i, C, k, k]``.
+
+        ``translation_only`` promises that every bin of a RoI has the same offset (TSD's P-hat-r).
+        """
         rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
         scales = self.scales(features, image_size)
         if levels is None:
             levels = self.levels_of(rois[:, 1:], scales)
         first = features[self.featmap_names[0]]
-        out = first.new_zeros((rois.shape[0], first.shape[1], self.output_size, self.output_size),
+        # every RoI gets a level (they are clamped), so every row of ``out`` is written
+        out = first.new_empty((rois.shape[0], first.shape[1], self.output_size, self.output_size),
                               dtype=torch.promote_types(first.dtype, torch.float32))
         for level, (name, scale) in enumerate(zip(self.featmap_names, scales, strict=True)):
             idx = torch.nonzero(levels == level).flatten()
@@ -124,6 +134,13 @@ class MultiScaleDeformRoIPool(nn.Module):
                 continue
             if offsets is None:  # plain RoIAlign: torchvision's compiled kernel, same sampling grid
                 out[idx] = roi_align(features[name], rois[idx].to(features[name].dtype), self.output_size, scale,
+                                     self.sampling_ratio, aligned=True).to(out.dtype)
+            elif translation_only and not torch.is_grad_enabled():
+                # one shift for the whole grid = pooling the translated box; roi_align is faster but
+                # gives no gradient to the shift, so it serves inference only
+                moved = rois[idx].clone()
+                moved[:, 1:] += offsets[idx, 0, 0].repeat(1, 2).to(moved.dtype)
+                out[idx] = roi_align(features[name], moved.to(features[name].dtype), self.output_size, scale,
                                      self.sampling_ratio, aligned=True).to(out.dtype)
             else:
                 out[idx] = deform_roi_pool(features[name], rois[idx], offsets[idx], self.output_size, scale,

@@ -108,7 +108,7 @@ class RoIStage(nn.Module):
             levels = self.deform_pool.levels_of(boxes, scales)  # P-hat-c and P-hat-r pool at P's level
             feat_c = self.deform_pool(features, proposals, image_size, offsets_c, levels)
             feat_r = self.deform_pool(features, proposals, image_size,
-                                      shift_r[:, None, None, :].expand(-1, k, k, 2), levels)
+                                      shift_r[:, None, None, :].expand(-1, k, k, 2), levels, translation_only=True)
             out["logits"] = self.tsd.branches.classify(feat_c.to(pooled.dtype))
             out["deltas"] = self.tsd.branches.regress(feat_r.to(pooled.dtype))
             out["reg_boxes"] = translate(boxes, shift_r.to(boxes.dtype))  # P-hat-r

@@ -1,0 +1,140 @@
+"""Benchmark: what TSD costs over the sibling head, and deformable RoI pooling over roi_align.
+
+Same process, same input, contenders alternated, best of N (so background noise hits both):
+  - pooling: ``deform_roi_pool`` (random offsets) vs ``torchvision.ops.roi_align`` (aligned, same
+    sampling ratio), 512 RoIs on a P2-sized map (256 x 200 x 304), forward + backward;
+  - inference: one 800 x 1216 image through R50-FPN Faster R-CNN with the TSD head vs the sibling
+    head (COCO, 81 outputs), eval mode;
+  - training step: forward + backward of the same image with 2 gt boxes.
+Runs on CUDA too (``--device cuda``, with ``--amp`` for fp16 autocast). Writes bench/out/model.json.
+
+    python bench/bench_model.py [--device cpu] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torchvision.ops import roi_align
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_time(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def alternate(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def bench_pooling(device: str, repeats: int) -> dict:
+    from tsd_model.ops import deform_roi_pool
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 256, 200, 304, generator=g).to(device).requires_grad_(True)
+    xy = torch.rand(512, 2, generator=g) * 1000
+    wh = torch.rand(512, 2, generator=g) * 200 + 16
+    rois = torch.cat([torch.zeros(512, 1), xy, xy + wh], dim=1).to(device)
+    offsets = (torch.randn(512, 7, 7, 2, generator=g) * 4).to(device).requires_grad_(True)
+
+    def ours() -> None:
+        deform_roi_pool(features, rois, offsets, 7, 0.25, 2).sum().backward()
+
+    def reference() -> None:
+        roi_align(features, rois, 7, 0.25, 2, aligned=True).sum().backward()
+
+    t = alternate({"deform_roi_pool": ours, "roi_align": reference}, repeats * 5, device)
+    return {**{k: round(v * 1000, 2) for k, v in t.items()}, "unit": "ms fwd+bwd, 512 RoIs",
+            "ratio": round(t["deform_roi_pool"] / t["roi_align"], 2)}
+
+
+def bench_detector(device: str, repeats: int, amp: bool) -> dict:
+    from tsd_model.build import build_model
+    from tsd_model.config import ModelConfig
+
+    models = {}
+    for head in ("tsd", "sibling"):
+        cfg = ModelConfig(num_classes=80)
+        cfg.roi.head = head
+        torch.manual_seed(0)
+        models[head] = build_model(cfg).to(device)
+    image = [torch.rand(3, 800, 1216, device=device)]
+    target = [{"boxes": torch.tensor([[100.0, 120, 400, 500], [600, 200, 900, 700]], device=device),
+               "labels": torch.tensor([1, 7], device=device)}]
+
+    def infer(model):
+        def run() -> None:
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.split(":")[0], enabled=amp):
+                model(image)
+        return run
+
+    def train(model):
+        def run() -> None:
+            model.train()
+            with torch.autocast(device.split(":")[0], enabled=amp):
+                losses = model(image, target)
+            sum(losses.values()).backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    t_inf = alternate({h: infer(m) for h, m in models.items()}, repeats, device)
+    t_train = alternate({h: train(m) for h, m in models.items()}, repeats, device)
+    return {
+        "inference_ms": {k: round(v * 1000, 1) for k, v in t_inf.items()},
+        "inference_ratio_tsd_vs_sibling": round(t_inf["tsd"] / t_inf["sibling"], 3),
+        "train_step_ms": {k: round(v * 1000, 1) for k, v in t_train.items()},
+        "train_step_ratio_tsd_vs_sibling": round(t_train["tsd"] / t_train["sibling"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--skip-detector", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "model.json"))
+    args = parser.parse_args()
+    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    result = {"machine": machine, "torch": torch.__version__, "device": args.device, "amp": args.amp,
+              "pooling": bench_pooling(args.device, args.repeats)}
+    if not args.skip_detector:
+        result["detector"] = bench_detector(args.device, args.repeats, args.amp)
+    print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
