@@ -241,3 +241,25 @@ def test_full_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(a, b, msg=k)
     with pytest.raises(InputError, match="does not match"):
         build_model(tiny_model_config("roi.head=double", f"weights.checkpoint={path}"))
+
+
+def test_gradients_do_not_depend_on_how_a_batch_is_split():
+    """Losses are per-image means averaged over images: one batch of two images gives the mean of
+    the two single-image gradients, which is what data-parallel workers average."""
+    overrides = ("backbone.norm=frozen_bn", "rpn.batch_size_per_image=100000", "roi.batch_size_per_image=100000",
+                 "rpn.positive_fraction=1.0", "roi.positive_fraction=1.0")
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(*overrides)).train()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 255, (3, 128, 160), dtype=torch.uint8, generator=g) for _ in range(2)]
+    _, targets = toy_batch()
+
+    def grads(imgs, tgts):
+        model.zero_grad()
+        sum(model(imgs, tgts).values()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    together = grads(images, targets)
+    first, second = grads(images[:1], targets[:1]), grads(images[1:], targets[1:])
+    for name, grad in together.items():
+        torch.testing.assert_close(grad, (first[name] + second[name]) / 2, atol=1e-5, rtol=1e-4, msg=name)

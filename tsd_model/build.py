@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from tsd_model.backbones import build_backbone
 from tsd_model.config import ModelConfig
 from tsd_model.detector import TSDDetector
 from tsd_model.roi_heads import RoIHeads
+from tsd_model.rpn import PerImageLossRPN
 from tsd_model.weights import load_backbone_weights, load_checkpoint
 
 
@@ -24,7 +25,7 @@ def build_model(cfg: ModelConfig) -> TSDDetector:
     backbone = build_backbone(cfg.backbone)
     anchors = anchor_generator(cfg)
     r = cfg.rpn
-    rpn = RegionProposalNetwork(
+    rpn = PerImageLossRPN(
         anchors, RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=r.fg_iou, bg_iou_thresh=r.bg_iou, batch_size_per_image=r.batch_size_per_image,
         positive_fraction=r.positive_fraction,

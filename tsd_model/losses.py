@@ -1,6 +1,9 @@
 """Loss functions of the RoI heads, including TSD's progressive constraint (PC).
 
 Free functions on tensors, as torchvision's ``fastrcnn_loss``: the heads only gather inputs.
+Every loss takes optional per-RoI ``weights`` summing to 1; the heads pass weights that make each
+loss the mean over images of a per-image mean (``per_image_weights``), so that a global batch
+gives the same gradients however it is split across data-parallel workers.
 """
 
 from __future__ import annotations
@@ -12,27 +15,49 @@ from torch import Tensor
 from tsd_model.boxes import paired_iou
 
 
-def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def per_image_weights(counts: list[int], mask: Tensor | None = None) -> Tensor:
+    """Weights of concatenated per-image items such that a weighted sum is the mean over images
+    of per-image means; with ``mask``, only masked items count (images without any are left out)."""
+    device = mask.device if mask is not None else None
+    image = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    keep = torch.ones(len(image), dtype=torch.bool, device=device) if mask is None else mask
+    per_image = torch.bincount(image[keep], minlength=len(counts)).float()
+    images_with_items = (per_image > 0).sum().clamp(min=1)
+    weights = torch.where(keep, 1.0 / (per_image[image].clamp(min=1) * images_with_items),
+                          torch.zeros((), device=device))
+    return weights
+
+
+def _reduce(values: Tensor, weights: Tensor | None) -> Tensor:
+    return values.mean() if weights is None else (values * weights).sum()
+
+
+def classification_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
     """Softmax cross-entropy over all sampled RoIs (label 0 = background)."""
-    return F.cross_entropy(logits.float(), labels)
+    return _reduce(F.cross_entropy(logits.float(), labels, reduction="none"), weights)
 
 
-def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: float) -> Tensor:
-    """Smooth-L1 on the deltas of each positive RoI's own class, averaged over all sampled RoIs.
+def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: float,
+                        weights: Tensor | None = None) -> Tensor:
+    """Smooth-L1 on the deltas of each positive RoI's own class, normalised by all sampled RoIs.
 
     ``deltas`` is ``[R, num_classes + 1, 4]`` (class-specific) or ``[R, 1, 4]`` (class-agnostic);
-    the normalisation by the number of sampled RoIs follows mmdetection, the TSD authors' base.
+    the normalisation by the number of sampled RoIs (not positives) follows mmdetection, the TSD
+    authors' base. ``weights`` are the sampled RoIs' weights (see ``per_image_weights``).
     """
     pos = torch.nonzero(labels > 0).flatten()
     if pos.numel() == 0:
         return deltas.sum() * 0.0
     cls = labels[pos] if deltas.shape[1] > 1 else torch.zeros_like(labels[pos])
     pred = deltas[pos, cls].float()
-    loss = F.smooth_l1_loss(pred, targets[pos].float(), beta=beta, reduction="sum")
-    return loss / max(1, labels.numel())
+    per_roi = F.smooth_l1_loss(pred, targets[pos].float(), beta=beta, reduction="none").sum(dim=1)
+    if weights is None:
+        return per_roi.sum() / max(1, labels.numel())
+    return (per_roi * weights[pos]).sum()
 
 
-def pc_cls_loss(logits_tsd: Tensor, logits_sibling: Tensor, labels: Tensor, margin: float) -> Tensor:
+def pc_cls_loss(logits_tsd: Tensor, logits_sibling: Tensor, labels: Tensor, margin: float,
+                weights: Tensor | None = None) -> Tensor:
     """Mcls = mean over RoIs of relu(p_sib[y] + m_c' - p_tsd[y]), m_c' = min(1 - p_sib[y], m_c).
 
     p is the softmax probability of the RoI's target class y (background for negatives); the
@@ -41,10 +66,11 @@ def pc_cls_loss(logits_tsd: Tensor, logits_sibling: Tensor, labels: Tensor, marg
     p_tsd = F.softmax(logits_tsd.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
     p_sib = F.softmax(logits_sibling.detach().float(), dim=1).gather(1, labels[:, None]).squeeze(1)
     m = torch.clamp(1.0 - p_sib, max=margin)
-    return F.relu(p_sib + m - p_tsd).mean()
+    return _reduce(F.relu(p_sib + m - p_tsd), weights)
 
 
-def pc_loc_loss(boxes_tsd: Tensor, boxes_sibling: Tensor, gt_boxes: Tensor, margin: float) -> Tensor:
+def pc_loc_loss(boxes_tsd: Tensor, boxes_sibling: Tensor, gt_boxes: Tensor, margin: float,
+                weights: Tensor | None = None) -> Tensor:
     """Mloc = mean over positives of relu(IoU(B, gt) + m_r' - IoU(B_D, gt)), m_r' = min(1 - IoU(B, gt), m_r).
 
     ``boxes_tsd`` are decoded from P-hat-r with the TSD deltas of the target class, ``boxes_sibling``
@@ -55,4 +81,4 @@ def pc_loc_loss(boxes_tsd: Tensor, boxes_sibling: Tensor, gt_boxes: Tensor, marg
     iou_sib = paired_iou(boxes_sibling.detach().float(), gt_boxes.float())
     iou_tsd = paired_iou(boxes_tsd.float(), gt_boxes.float())
     m = torch.clamp(1.0 - iou_sib, max=margin)
-    return F.relu(iou_sib + m - iou_tsd).mean()
+    return _reduce(F.relu(iou_sib + m - iou_tsd), weights)

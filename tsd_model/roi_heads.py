@@ -117,13 +117,16 @@ class RoIStage(nn.Module):
             out["logits"], out["deltas"], out["reg_boxes"] = out["sibling_logits"], out["sibling_deltas"], boxes
         return out
 
-    def losses(self, out: dict[str, Tensor], labels: Tensor, gt_boxes: Tensor) -> dict[str, Tensor]:
+    def losses(self, out: dict[str, Tensor], labels: Tensor, gt_boxes: Tensor, counts: list[int]
+               ) -> dict[str, Tensor]:
+        """Named losses; each is a mean over the images of per-image means (``counts``: RoIs per image)."""
         boxes = out["boxes"]
+        w = L.per_image_weights(counts).to(boxes.device)
         losses: dict[str, Tensor] = {}
         if "sibling_logits" in out:
             targets = self.coder.encode_single(gt_boxes, boxes)
-            losses["loss_sibling_cls"] = L.classification_loss(out["sibling_logits"], labels)
-            losses["loss_sibling_box"] = L.box_regression_loss(out["sibling_deltas"], targets, labels, self.beta)
+            losses["loss_sibling_cls"] = L.classification_loss(out["sibling_logits"], labels, w)
+            losses["loss_sibling_box"] = L.box_regression_loss(out["sibling_deltas"], targets, labels, self.beta, w)
         if self.head_type == "sibling":
             return {k + self.suffix: v for k, v in losses.items()}
         name = self.head_type
@@ -131,18 +134,20 @@ class RoIStage(nn.Module):
         if self.tsd is not None and not self.tsd_cfg.delta_r_grad_through_targets:
             reg_boxes = reg_boxes.detach()
         targets = self.coder.encode_single(gt_boxes, reg_boxes)
-        losses[f"loss_{name}_cls"] = L.classification_loss(out["logits"], labels)
-        losses[f"loss_{name}_box"] = L.box_regression_loss(out["deltas"], targets, labels, self.beta)
+        losses[f"loss_{name}_cls"] = L.classification_loss(out["logits"], labels, w)
+        losses[f"loss_{name}_box"] = L.box_regression_loss(out["deltas"], targets, labels, self.beta, w)
         if self.tsd is not None and "sibling_logits" in out:
             if self.tsd_cfg.pc_cls:
                 losses["loss_pc_cls"] = L.pc_cls_loss(out["logits"], out["sibling_logits"], labels,
-                                                      self.tsd_cfg.margin_cls)
+                                                      self.tsd_cfg.margin_cls, w)
             if self.tsd_cfg.pc_loc:
                 pos = torch.nonzero(labels > 0).flatten()
+                w_pos = L.per_image_weights(counts, labels > 0)[pos]
                 cls = labels[pos] if out["deltas"].shape[1] > 1 else torch.zeros_like(labels[pos])
                 boxes_tsd = self.coder.decode_single(out["deltas"][pos, cls].float(), out["reg_boxes"][pos].float())
                 boxes_sib = self.coder.decode_single(out["sibling_deltas"][pos, cls].float(), boxes[pos].float())
-                losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_boxes[pos], self.tsd_cfg.margin_loc)
+                losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_boxes[pos], self.tsd_cfg.margin_loc,
+                                                      w_pos)
         return {k + self.suffix: v for k, v in losses.items()}
 
     def decode(self, out: dict[str, Tensor]) -> Tensor:
@@ -195,7 +200,7 @@ class RoIHeads(nn.Module):
             for i, (stage, weight) in enumerate(zip(self.stages, self.stage_weights, strict=True)):
                 sampled, labels, gt_boxes = stage.sample(proposals, targets)
                 out = stage.run(features, sampled, image_sizes, with_sibling=True)
-                for name, value in stage.losses(out, labels, gt_boxes).items():
+                for name, value in stage.losses(out, labels, gt_boxes, [len(s) for s in sampled]).items():
                     losses[name] = value * weight
                 if i + 1 < len(self.stages):
                     proposals = list(stage.refine(out, labels).split([len(s) for s in sampled]))
