@@ -56,6 +56,22 @@ def cmd_prep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_training(cfg, address=args.address, resume=args.resume)
+    metrics = summary["metrics"] or {}
+    print(f"run {summary['run']}: finished at iteration {metrics.get('iteration')} "
+          f"(epoch {metrics.get('epoch')}, {metrics.get('restarts', 0)} restarts, "
+          f"{metrics.get('nonfinite_skipped', 0)} non-finite steps skipped)")
+    print(f"  last checkpoint: {summary['checkpoint']}")
+    print(f"  resolved config: {summary['config']}")
+    print(f"  TensorBoard:     tensorboard --logdir {summary['tensorboard']} --host 127.0.0.1")
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from tsd_model.build import build_model
@@ -101,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("train", help="train a detector with Ray Train (DDP), with checkpoints and TensorBoard")
+    _add_config_args(p)
+    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
+    p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("model-info", help="parameter counts and FLOPs of a config's detector")
     _add_config_args(p)

@@ -28,6 +28,57 @@ T = TypeVar("T")
 
 
 @dataclass
+class LoaderConfig:
+    """Data loading on every training worker (image sizes come from ``model.input``)."""
+
+    mode: Literal["index", "streaming"] = "index"  # random access via the prep index, or webdataset streaming
+    sampler: Literal["uniform", "class_aware", "repeat_factor"] = "uniform"
+    num_sample_class: int = 1  # class-aware: images drawn per class visit
+    repeat_threshold: float = 0.001  # repeat-factor: t
+    group_by_aspect: bool = True
+    flip_prob: float = 0.5
+    use_expanded_labels: bool = True  # also train on the boxes prep added for ancestor classes
+    num_workers: int = 2  # DataLoader processes per training worker
+    prefetch_factor: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """The schedule, distribution and bookkeeping of `tsd train`."""
+
+    split: str = "train"
+    run_name: str | None = None  # default: the config's name
+    storage_path: str = "runs"  # checkpoints: local dir or s3://bucket/prefix (Ray Train storage)
+    local_dir: str = "runs"  # TensorBoard events and worker status files (always local)
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    images_per_worker: int = 2
+    grad_accumulation: int = 1  # micro-batches per optimizer step (for small-memory GPUs)
+    epochs: int = 13
+    iterations_per_epoch: int | None = None  # default: images in the split / global batch
+    max_iterations: int | None = None  # stop early (tests, smoke runs); default epochs x iterations_per_epoch
+    base_lr_per_image: float = 0.00125  # lr = 0.00125 x global batch (0.04 at 32)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_decay_on_norm_and_bias: bool = False
+    warmup_iterations: int | None = None  # linear warmup from the per-image lr; default: one epoch
+    lr_steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs at which lr /= 10
+    lr_gamma: float = 0.1
+    grad_clip_norm: float | None = None
+    amp: Literal["off", "fp16", "bf16"] = "off"  # fp16 with a GradScaler on CUDA; bf16 on CPU or CUDA
+    sync_bn: bool = True  # SyncBatchNorm when training on several GPUs
+    deterministic: bool = False  # torch deterministic algorithms (slow roi_align backward on CUDA)
+    seed: int = 0
+    checkpoint_every: int = 500  # iterations; also at every epoch end and at the end
+    keep_checkpoints: int = 3
+    max_failures: int = 3  # worker failures survived by restarting from the last checkpoint
+    log_every: int = 20
+    image_log_every: int = 500  # TensorBoard image with ground truth and predictions
+    max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite losses
+
+
+@dataclass
 class ExperimentConfig:
     """The root of every config file."""
 
@@ -35,6 +86,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -1,0 +1,169 @@
+"""The training loader: random access into the tar shards through the prep index.
+
+Stages, each a small function: read the sample's bytes (one range read covering its ``.jpg`` and
+``.json`` members, from local disk or S3) -> decode (``torchvision.io.decode_jpeg``) -> resize the
+shorter side (antialiased, on the uint8 tensor) -> flip -> collate. Images stay uint8 until they
+reach the training device; a batch crosses the DataLoader's process boundary as a handful of
+tensors (one padded uint8 image tensor, one concatenated box tensor with per-image counts).
+Which sample and whether it is flipped come from the sampler (``pipeline.sampler``), so the data
+order is reproducible and resumable. ``streaming_dataset`` is the other mode: webdataset over the
+shards, resampled, for uniform sampling without the index.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from data_prep.errors import InputError
+from data_prep.prep import index_name
+from data_prep.storage import Storage, open_storage
+
+
+@dataclass
+class ShardIndex:
+    """The columns of ``{split}-index.parquet`` that the loader and samplers use."""
+
+    keys: list[str]
+    shards: list[str]
+    offsets: np.ndarray  # start of the .jpg data
+    jpg_sizes: np.ndarray
+    ends: np.ndarray  # end of the .json data
+    json_offsets: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    labels: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def load(cls, storage: Storage, split: str) -> ShardIndex:
+        import pyarrow.parquet as pq
+
+        name = index_name(split)
+        if not storage.exists(name):
+            raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
+        table = pq.read_table(io.BytesIO(storage.read_bytes(name)))
+        col = {c: table.column(c) for c in table.column_names}
+        labels = [np.asarray(x, dtype=np.int64) for x in col["labels"].to_pylist()]
+        json_offsets = col["json_offset"].to_numpy()
+        return cls(col["key"].to_pylist(), col["shard"].to_pylist(), col["jpg_offset"].to_numpy(),
+                   col["jpg_size"].to_numpy(), json_offsets + col["json_size"].to_numpy(), json_offsets,
+                   col["width"].to_numpy(), col["height"].to_numpy(), labels)
+
+
+def resize_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
+    """The size that makes the shorter side ``min_size`` with the longer side at most ``max_size``."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale)), scale
+
+
+class ShardDataset(Dataset):
+    """Map-style dataset over the shards; an item is ``(index, flip)`` from the sampler."""
+
+    def __init__(self, shards_uri: str, split: str, min_size: int, max_size: int,
+                 endpoint_url: str | None = None, use_expanded_labels: bool = True) -> None:
+        self.storage = open_storage(shards_uri, endpoint_url)
+        self.index = ShardIndex.load(self.storage, split)
+        self.min_size, self.max_size = min_size, max_size
+        self.use_expanded_labels = use_expanded_labels
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, i: int) -> tuple[bytes, dict]:
+        ix = self.index
+        start, end = int(ix.offsets[i]), int(ix.ends[i])
+        blob = self.storage.read_range(ix.shards[i], start, end - start)
+        jpg = blob[: int(ix.jpg_sizes[i])]
+        meta = json.loads(blob[int(ix.json_offsets[i]) - start :])
+        if meta.get("image_id") != ix.keys[i]:
+            raise InputError(f"{self.storage.uri(ix.shards[i])}: the index does not match the shard at {ix.keys[i]}")
+        return jpg, meta
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict:
+        i, flip = item
+        jpg, meta = self.read(i)
+        image = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        h, w = image.shape[-2:]
+        nh, nw, _ = resize_shape(h, w, self.min_size, self.max_size)
+        if (nh, nw) != (h, w):
+            image = TF.resize(image, [nh, nw], antialias=True)
+        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
+        boxes *= torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        labels = torch.tensor(meta["labels"], dtype=torch.int64)
+        if not self.use_expanded_labels and meta.get("is_expanded"):
+            keep = torch.tensor(meta["is_expanded"]) == 0
+            boxes, labels = boxes[keep], labels[keep]
+        if flip:
+            image = image.flip(-1)
+            boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
+        return {"image": image, "boxes": boxes, "labels": labels, "index": i}
+
+
+def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
+    """One padded uint8 image tensor, image sizes, concatenated boxes/labels with per-image counts."""
+    h = max(s["image"].shape[1] for s in samples)
+    w = max(s["image"].shape[2] for s in samples)
+    h, w = -(-h // size_divisible) * size_divisible, -(-w // size_divisible) * size_divisible
+    images = torch.zeros((len(samples), 3, h, w), dtype=torch.uint8)
+    for k, s in enumerate(samples):
+        images[k, :, : s["image"].shape[1], : s["image"].shape[2]] = s["image"]
+    return {
+        "images": images,
+        "sizes": torch.tensor([s["image"].shape[1:] for s in samples], dtype=torch.int64),
+        "boxes": torch.cat([s["boxes"] for s in samples]),
+        "labels": torch.cat([s["labels"] for s in samples]),
+        "counts": torch.tensor([len(s["labels"]) for s in samples], dtype=torch.int64),
+        "indices": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+    }
+
+
+def unpack(batch: dict[str, Tensor], device: torch.device) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """The model's inputs from a collated batch, moved to ``device`` (images still uint8)."""
+    images = batch["images"].to(device, non_blocking=True)
+    boxes = batch["boxes"].to(device).split(batch["counts"].tolist())
+    labels = batch["labels"].to(device).split(batch["counts"].tolist())
+    out_images = [images[k, :, :h, :w] for k, (h, w) in enumerate(batch["sizes"].tolist())]
+    return out_images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
+
+
+def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int, epoch_samples: int,
+                      seed: int, flip_prob: float = 0.5):
+    """Uniform sampling without the index: webdataset over the split's shards, resampled, with a fixed
+    epoch length (equal batches on every rank). Local shards only (S3 shards: use the index mode)."""
+    import random
+
+    import webdataset as wds
+
+    storage = open_storage(shards_uri)
+    names = sorted(o.name for o in storage.list() if o.name.startswith(f"{split}-") and o.name.endswith(".tar"))
+    if not names:
+        raise InputError(f"{shards_uri}: no shards for split '{split}'")
+    urls = [storage.uri(n) for n in names]
+    rng = random.Random(seed)
+
+    def to_sample(sample: dict) -> dict:
+        meta = json.loads(sample["json"])
+        image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        h, w = image.shape[-2:]
+        nh, nw, _ = resize_shape(h, w, min_size, max_size)
+        image = TF.resize(image, [nh, nw], antialias=True) if (nh, nw) != (h, w) else image
+        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4) * torch.tensor(
+            [nw / w, nh / h, nw / w, nh / h])
+        if rng.random() < flip_prob:
+            image = image.flip(-1)
+            boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
+        return {"image": image, "boxes": boxes, "labels": torch.tensor(meta["labels"], dtype=torch.int64), "index": -1}
+
+    return wds.WebDataset(urls, resampled=True, shardshuffle=True, seed=seed, nodesplitter=wds.split_by_node,
+                          empty_check=False).map(to_sample).with_epoch(epoch_samples)

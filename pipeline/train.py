@@ -1,0 +1,382 @@
+"""Distributed training on Ray Train: the worker loop and the driver.
+
+The two halves of a Ray Train program. ``train_worker`` runs on every worker: build the model and
+its DDP wrapper, resume from ``ray.train.get_checkpoint()`` if there is one, then iterate over
+the sampler's batches with the paper's schedule, AMP and gradient accumulation; every
+``checkpoint_every`` iterations, at every epoch end and at the end, every rank calls
+``ray.train.report`` (rank 0 with the checkpoint). Rank 0 alone writes TensorBoard. The driver,
+``run_training``, only builds the ``TorchTrainer`` (scaling, storage, failure and checkpoint
+configs) and calls ``fit()``; a worker failure restarts the group from the last checkpoint
+(``FailureConfig``), and ``--resume`` continues a killed job: the same run name and storage make
+Ray Train hand the latest checkpoint back.
+
+Reproducibility: the data order is a pure function of (seed, epoch) (``pipeline.sampler``), the
+learning rate a pure function of the iteration (``pipeline.schedule``), and the torch RNG of each
+rank is reseeded from (seed, rank, iteration) at every checkpoint, so a resumed run continues
+exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep.errors import ConfigError, TsdError
+from pipeline.config import ExperimentConfig, dump_config, from_dict, to_dict
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+class TrainingError(TsdError):
+    """Training stopped for a reason the user must look at (non-finite losses, a failed worker)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------
+
+
+def _reseed(seed: int, rank: int, iteration: int) -> None:
+    torch.manual_seed(hash((seed, rank, iteration)) % (2**63))
+
+
+def _all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return values
+
+
+class _StatusFile:
+    """``{local_dir}/{run}/workers/rank{r}.json``: pid, host and progress of each worker, for ops."""
+
+    def __init__(self, directory: Path, rank: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"rank{rank}.json"
+        self.rank = rank
+
+    def write(self, iteration: int, state: str) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                                   "iteration": iteration, "state": state, "time": time.time()}))
+        os.replace(tmp, self.path)
+
+
+def _make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int):
+    from torch.utils.data import DataLoader
+
+    from pipeline.loader import collate, streaming_dataset
+
+    lc = cfg.loader
+    workers = lc.num_workers
+    extra = {"prefetch_factor": lc.prefetch_factor} if workers > 0 else {}
+    if lc.mode == "streaming":
+        per_rank = cfg.train.images_per_worker * cfg.train.grad_accumulation
+        stream = streaming_dataset(cfg.data.shards, cfg.train.split, cfg.model.input.min_size,
+                                   cfg.model.input.max_size, (sampler.iterations_per_epoch - start) * per_rank,
+                                   seed=cfg.train.seed + 1000 * epoch + rank, flip_prob=lc.flip_prob)
+        return DataLoader(stream, batch_size=per_rank, collate_fn=collate, num_workers=workers,
+                          pin_memory=cfg.train.use_gpu, **extra)
+    batches = list(sampler.rank_batches(epoch, start))
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                      pin_memory=cfg.train.use_gpu, **extra)
+
+
+def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best in one piece
+    import ray.train
+    import ray.train.torch
+    from torch import nn
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pipeline.loader import ShardDataset, unpack
+    from pipeline.sampler import GlobalBatchSampler, SamplerSpec
+    from pipeline.schedule import learning_rate, parameter_groups
+    from pipeline.visualize import draw_detections
+    from tsd_model.build import build_model
+
+    cfg = from_dict(ExperimentConfig, loop_config["config"])
+    tc = cfg.train
+    run_name = loop_config["run_name"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # 1. the model, identical on every rank, wrapped for DDP by Ray
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model)
+    if tc.use_gpu and world > 1 and tc.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.SGD(parameter_groups(core, tc), lr=tc.base_lr_per_image, momentum=tc.momentum)
+    use_scaler = tc.amp == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.amp)
+
+    # 2. data: the same global batches whatever the number of workers
+    dataset = ShardDataset(cfg.data.shards, tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
+                           cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels)
+    per_rank = tc.images_per_worker * tc.grad_accumulation
+    global_batch = per_rank * world
+    ipe = tc.iterations_per_epoch or max(1, math.ceil(len(dataset) / global_batch))
+    max_iterations = tc.max_iterations or tc.epochs * ipe
+    landscape = dataset.index.widths >= dataset.index.heights
+    sampler = GlobalBatchSampler(dataset.index.labels, landscape, cfg.model.num_classes, per_rank, world, rank,
+                                 tc.seed, ipe, SamplerSpec(cfg.loader.sampler, cfg.loader.num_sample_class,
+                                                           cfg.loader.repeat_threshold, cfg.loader.group_by_aspect,
+                                                           cfg.loader.flip_prob))
+
+    # 3. resume
+    iteration, skipped_total, restarts = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iteration, skipped_total = state["iteration"], state["nonfinite_skipped"]
+        restarts = state.get("restarts", 0) + 1
+    _reseed(tc.seed, rank, iteration)
+
+    run_dir = Path(tc.local_dir) / run_name
+    status = _StatusFile(run_dir / "workers", rank)
+    status.write(iteration, "running")
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=iteration) if rank == 0 else None
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_iterations, initial=iteration, desc=f"train {run_name}", unit="it", mininterval=2)
+
+    def save_and_report(metrics: dict) -> None:
+        ckpt = None
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(), "iteration": iteration,
+                            "epoch": iteration // ipe, "nonfinite_skipped": skipped_total, "restarts": restarts,
+                            "sampler": {"seed": tc.seed, "mode": cfg.loader.sampler, "iterations_per_epoch": ipe,
+                                        "global_batch": global_batch}},
+                           Path(d) / STATE_FILE)
+                (Path(d) / CONFIG_FILE).write_text(dump_config(cfg))
+                if writer is not None:
+                    writer.flush()
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+        _reseed(tc.seed, rank, iteration)
+
+    nonfinite_in_row = 0
+    window = {"images": 0, "wait": 0.0, "time": 0.0}
+    last_losses: dict[str, float] = {}
+    while iteration < max_iterations:
+        epoch, start = divmod(iteration, ipe)
+        loader = _make_loader(cfg, dataset, sampler, epoch, start, rank, world)
+        model.train()
+        t_end = time.perf_counter()
+        for batch in loader:
+            t_data = time.perf_counter()
+            lr = learning_rate(iteration, tc, global_batch, ipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, targets = unpack(batch, device)
+            micro = max(1, len(images) // tc.grad_accumulation)
+            loss_sums: dict[str, torch.Tensor] = {}
+            finite = True
+            optimizer.zero_grad(set_to_none=True)
+            for m in range(tc.grad_accumulation):
+                sl = slice(m * micro, (m + 1) * micro)
+                accumulating = m < tc.grad_accumulation - 1 and hasattr(model, "no_sync")
+                with model.no_sync() if accumulating else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                        losses = model(images[sl], targets[sl])
+                    total = sum(losses.values()) / tc.grad_accumulation
+                    bad = torch.tensor([0.0 if torch.isfinite(total).item() else 1.0], device=device)
+                    if _all_reduce(bad, "max").item() > 0:  # every rank skips together: no DDP hang
+                        finite = False
+                        break
+                    scaler.scale(total).backward()
+                for k, v in losses.items():
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float() / tc.grad_accumulation
+            grad_norm = float("nan")
+            if finite:
+                nonfinite_in_row = 0
+                scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip_norm or float("inf"))
+                grad_norm = float(norm)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_in_row += 1
+                skipped_total += 1
+                if rank == 0:
+                    print(f"[tsd train] iteration {iteration}: non-finite loss, step skipped "
+                          f"({nonfinite_in_row} in a row, {skipped_total} in total)", flush=True)
+                if nonfinite_in_row >= tc.max_nonfinite_in_row:
+                    raise TrainingError(f"{nonfinite_in_row} consecutive iterations with a non-finite loss at "
+                                        f"iteration {iteration}: lower the learning rate or check the data")
+            iteration += 1
+            t_step = time.perf_counter()
+            window["images"] += len(images) * world
+            window["wait"] += t_data - t_end
+            window["time"] += t_step - t_end
+            t_end = t_step
+            if loss_sums:
+                names = sorted(loss_sums)
+                mean = _all_reduce(torch.stack([loss_sums[k] for k in names])) / world
+                last_losses = dict(zip(names, mean.tolist(), strict=True))
+            if rank == 0 and (iteration % tc.log_every == 0 or iteration == max_iterations):
+                ips = window["images"] / max(window["time"], 1e-9)
+                wait = window["wait"] / max(window["time"], 1e-9)
+                for k, v in last_losses.items():
+                    writer.add_scalar(f"loss/{k}", v, iteration)
+                writer.add_scalar("loss/total", sum(last_losses.values()), iteration)
+                writer.add_scalar("train/lr", lr, iteration)
+                if math.isfinite(grad_norm):
+                    writer.add_scalar("train/grad_norm", grad_norm, iteration)
+                writer.add_scalar("train/images_per_s", ips, iteration)
+                writer.add_scalar("train/data_wait_fraction", wait, iteration)
+                writer.add_scalar("train/nonfinite_skipped", skipped_total, iteration)
+                if device.type == "cuda":
+                    writer.add_scalar("train/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, iteration)
+                bar.set_postfix(loss=f"{sum(last_losses.values()):.3f}", lr=f"{lr:.4g}", img_s=f"{ips:.1f}",
+                                wait=f"{wait:.0%}")
+                window = {"images": 0, "wait": 0.0, "time": 0.0}
+                status.write(iteration, "running")
+            if rank == 0 and tc.image_log_every and (iteration % tc.image_log_every == 0 or iteration == 1):
+                core.eval()
+                with torch.no_grad():
+                    pred = core([images[0]])[0]
+                core.train()
+                writer.add_image("train/detections", draw_detections(images[0], targets[0]["boxes"], pred["boxes"],
+                                                                     pred["scores"]), iteration)
+            if bar is not None:
+                bar.update(1)
+            at_epoch_end = iteration % ipe == 0
+            if iteration % tc.checkpoint_every == 0 or at_epoch_end or iteration == max_iterations:
+                save_and_report({"iteration": iteration, "epoch": iteration // ipe, "lr": lr,
+                                 "nonfinite_skipped": skipped_total, "restarts": restarts,
+                                 **{k: round(v, 6) for k, v in last_losses.items()}})
+            if iteration >= max_iterations or at_epoch_end:
+                break
+    status.write(iteration, "finished")
+    if writer is not None:
+        writer.close()
+    if bar is not None:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# driver side
+# ---------------------------------------------------------------------------------------------
+
+
+def storage_for_ray(storage_path: str, endpoint_url: str | None):
+    """``(storage_path, storage_filesystem)`` for ``RunConfig``; S3 with a custom endpoint gets its own
+    pyarrow filesystem (how a moto server or MinIO is reached)."""
+    if not storage_path.startswith("s3://") or not endpoint_url:
+        return (storage_path if storage_path.startswith("s3://") else str(Path(storage_path).resolve())), None
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    url = urlparse(endpoint_url)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme or "https",
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return storage_path[len("s3://"):], fs
+
+
+def _run_exists(storage_path: str, name: str, endpoint_url: str | None) -> bool:
+    from data_prep.storage import join, open_storage
+
+    storage = open_storage(join(storage_path, name), endpoint_url)
+    return any(True for _ in storage.list())
+
+
+def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool = False) -> dict:
+    """Train with Ray Train; returns a summary (run name, final metrics, checkpoint, TensorBoard dir)."""
+    import dataclasses
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from data_prep.prep import index_name
+    from data_prep.ray_runtime import init_ray, shutdown_ray
+    from data_prep.storage import is_s3, open_storage
+
+    # workers do not share the driver's working directory: make every local path absolute
+    absolute = lambda p: p if is_s3(p) else str(Path(p).resolve())  # noqa: E731
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards),
+                                                           root=absolute(cfg.data.root)),
+                              train=dataclasses.replace(cfg.train, local_dir=absolute(cfg.train.local_dir),
+                                                        storage_path=absolute(cfg.train.storage_path)))
+    tc = cfg.train
+    name = tc.run_name or cfg.name
+    shards = open_storage(cfg.data.shards, cfg.data.s3_endpoint_url)
+    if not shards.exists(index_name(tc.split)):  # a user error: say it before any worker starts
+        raise ConfigError(f"{shards.uri(index_name(tc.split))}: no index for split '{tc.split}' (run `tsd prep`)")
+    if tc.images_per_worker < 1 or tc.num_workers < 1 or tc.grad_accumulation < 1:
+        raise ConfigError("train.images_per_worker, train.num_workers and train.grad_accumulation must be >= 1")
+    exists = _run_exists(tc.storage_path, name, cfg.data.s3_endpoint_url)
+    if exists and not resume:
+        raise ConfigError(f"run '{name}' already exists in {tc.storage_path}: pass --resume to continue it, or "
+                          f"--set train.run_name=NEW for a new run")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no run '{name}' in {tc.storage_path}")
+    local_run = Path(tc.local_dir) / name
+    local_run.mkdir(parents=True, exist_ok=True)
+    (local_run / CONFIG_FILE).write_text(dump_config(cfg))
+    storage_path, filesystem = storage_for_ray(tc.storage_path, cfg.data.s3_endpoint_url)
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "run_name": name},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+    )
+    started = init_ray(address)
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; show the root cause in one line
+        raise TrainingError(f"training of '{name}' failed: {_root_cause(exc)}") from exc
+    finally:
+        shutdown_ray(started)
+    if result.error is not None:
+        raise TrainingError(f"training of '{name}' failed: {_root_cause(result.error)}")
+    summary = {
+        "run": name,
+        "metrics": result.metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "storage": tc.storage_path,
+        "tensorboard": str((local_run / "tensorboard").resolve()),
+        "config": str((local_run / CONFIG_FILE).resolve()),
+    }
+    (local_run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _root_cause(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    lines = [line for line in str(seen).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(seen).__name__
+    for prefix in ("data_prep.errors.", "pipeline.train."):  # "module.Class: message" -> "Class: message"
+        last = last.replace(prefix, "")
+    return last
