@@ -256,6 +256,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
                 bar.set_postfix(loss=f"{sum(last_losses.values()):.3f}", lr=f"{lr:.4g}", img_s=f"{ips:.1f}",
                                 wait=f"{wait:.0%}")
                 window = {"images": 0, "wait": 0.0, "time": 0.0}
+            if iteration % tc.log_every == 0:
                 status.write(iteration, "running")
             if rank == 0 and tc.image_log_every and (iteration % tc.image_log_every == 0 or iteration == 1):
                 core.eval()
@@ -362,7 +363,9 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     summary = {
         "run": name,
         "metrics": result.metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": (None if result.checkpoint is None else
+                       ("s3://" if tc.storage_path.startswith("s3://") and filesystem is not None else "")
+                       + result.checkpoint.path),
         "storage": tc.storage_path,
         "tensorboard": str((local_run / "tensorboard").resolve()),
         "config": str((local_run / CONFIG_FILE).resolve()),

@@ -1,0 +1,128 @@
+"""Training on a real local Ray (2 CPU workers, gloo): DDP equals one worker, exact resume, a killed
+worker is survived with checkpoints in S3 (moto server), TensorBoard events read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.prep import run_prep
+from data_prep.synthetic import generate
+from pipeline.train import STATE_FILE, run_training
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+# deterministic training: no BN batch statistics, every anchor and RoI sampled, no loader processes
+EXACT = ["model.backbone.norm=frozen_bn", "model.rpn.batch_size_per_image=100000",
+         "model.roi.batch_size_per_image=100000", "model.rpn.positive_fraction=1.0",
+         "model.roi.positive_fraction=1.0", "loader.num_workers=0", "loader.sampler=uniform",
+         "train.image_log_every=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "synth", num_train=16, num_validation=0, seed=4, min_size=128, max_size=128)
+    cfg = tiny_config(root / "synth", root / "shards", "prep.splits=[train]")
+    run_prep(cfg.data, cfg.prep, progress=False)
+    return root
+
+
+def _cfg(shards: Path, tmp: Path, name: str, *overrides: str):
+    return tiny_config(shards / "synth", shards / "shards", f"train.storage_path={tmp / 'runs'}",
+                       f"train.local_dir={tmp / 'local'}", f"train.run_name={name}", *overrides)
+
+
+def _final_state(summary: dict) -> dict:
+    return torch.load(Path(summary["checkpoint"]) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def test_two_workers_equal_one_worker_and_tensorboard_has_the_tags(shards, tmp_path):
+    common = [*EXACT, "train.max_iterations=3", "train.checkpoint_every=3", "train.warmup_iterations=0"]
+    one = run_training(_cfg(shards, tmp_path, "one", *common, "train.num_workers=1", "train.images_per_worker=2",
+                            "train.image_log_every=2"))
+    two = run_training(_cfg(shards, tmp_path, "two", *common, "train.num_workers=2", "train.images_per_worker=1"))
+    assert one["metrics"]["iteration"] == two["metrics"]["iteration"] == 3
+    a, b = _final_state(one)["model"], _final_state(two)["model"]
+    initial = _initial_state()
+    moved = 0
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, atol=2e-5, rtol=1e-4, msg=name)
+        moved += int(not torch.equal(value, initial[name]))
+    assert moved > 10  # training really changed the weights
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(one["tensorboard"], size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("loss/loss_objectness", "loss/loss_rpn_box_reg", "loss/loss_sibling_cls", "loss/loss_sibling_box",
+                "loss/loss_tsd_cls", "loss/loss_tsd_box", "loss/loss_pc_cls", "loss/loss_pc_loc", "loss/total",
+                "train/lr", "train/grad_norm", "train/images_per_s", "train/data_wait_fraction"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3]
+    assert "train/detections" in events.Tags()["images"]
+
+
+def _initial_state() -> dict:
+    from pipeline.config import load_config
+    from tests.conftest import REPO
+    from tsd_model.build import build_model
+
+    torch.manual_seed(0)
+    return build_model(load_config(REPO / "configs" / "tiny.yaml", EXACT).model).state_dict()
+
+
+def test_resume_continues_with_the_same_order(shards, tmp_path):
+    common = [*EXACT, "train.num_workers=2", "train.images_per_worker=1", "train.checkpoint_every=2"]
+    straight = run_training(_cfg(shards, tmp_path, "straight", *common, "train.max_iterations=6"))
+    first = run_training(_cfg(shards, tmp_path, "stopped", *common, "train.max_iterations=4"))
+    assert first["metrics"]["iteration"] == 4
+    with pytest.raises(Exception, match="already exists"):
+        run_training(_cfg(shards, tmp_path, "stopped", *common, "train.max_iterations=6"))
+    resumed = run_training(_cfg(shards, tmp_path, "stopped", *common, "train.max_iterations=6"), resume=True)
+    assert resumed["metrics"]["iteration"] == 6 and resumed["metrics"]["restarts"] == 1
+    a, b = _final_state(straight)["model"], _final_state(resumed)["model"]
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path, s3_server, s3_bucket):
+    import boto3
+
+    cfg = tiny_config(shards / "synth", shards / "shards", f"train.storage_path=s3://{s3_bucket}/runs",
+                      f"train.local_dir={tmp_path / 'local'}", "train.run_name=killed", f"data.s3_endpoint_url={s3_server}",
+                      "train.num_workers=2", "train.images_per_worker=1", "train.max_iterations=24",
+                      "train.checkpoint_every=3", "train.image_log_every=0", "loader.num_workers=0", "train.log_every=1")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg)), daemon=True)
+    thread.start()
+    status = tmp_path / "local" / "killed" / "workers" / "rank1.json"
+    killed_at = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and thread.is_alive():
+        if status.exists():
+            info = json.loads(status.read_text())
+            # a few iterations after the checkpoint of iteration 6, so that Ray Train's controller
+            # has registered at least one checkpoint before the failure
+            if info["iteration"] >= 11 and info["state"] == "running":
+                os.kill(info["pid"], signal.SIGKILL)
+                killed_at = info["iteration"]
+                break
+        time.sleep(0.05)
+    thread.join(timeout=400)
+    assert killed_at is not None, "the worker must be killed mid-run"
+    assert result["metrics"]["iteration"] == 24
+    assert result["metrics"]["restarts"] >= 1
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket=s3_bucket, Prefix="runs/killed/")["Contents"]]
+    checkpoints = {k.split("/")[2] for k in keys if k.endswith(STATE_FILE)}
+    assert len(checkpoints) >= 2 and result["checkpoint"].split("/")[-1] in checkpoints
