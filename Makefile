@@ -13,8 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tsd synth --out $(DEMO_DIR)/synth
-	$(VENV)/bin/tsd prep --config configs/tiny.yaml --set data.root=$(DEMO_DIR)/synth --output $(DEMO_DIR)/shards
+	$(VENV)/bin/tsd demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -72,6 +72,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import print_summary, run_demo
+
+    print_summary(run_demo(args.workdir, args.config, args.overrides))
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from tsd_model.build import build_model
@@ -123,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the whole job end to end on the bundled synthetic dataset")
+    p.add_argument("--workdir", default="work", help="where the dataset, shards and runs go")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("model-info", help="parameter counts and FLOPs of a config's detector")
     _add_config_args(p)
