@@ -2,8 +2,8 @@
 
 Stages, each a small function: read the sample's bytes (one range read covering its ``.jpg`` and
 ``.json`` members, from local disk or S3) -> decode (``torchvision.io.decode_jpeg``) -> resize the
-shorter side (antialiased, on the uint8 tensor) -> flip -> collate. Images stay uint8 until they
-reach the training device; a batch crosses the DataLoader's process boundary as a handful of
+shorter side (antialiased, on the uint8 tensor) -> collate -> (on the training device) flip.
+Images stay uint8 until they reach the training device, where they are also flipped; a batch crosses the DataLoader's process boundary as a handful of
 tensors (one padded uint8 image tensor, one concatenated box tensor with per-image counts).
 Which sample and whether it is flipped come from the sampler (``pipeline.sampler``), so the data
 order is reproducible and resumable. ``streaming_dataset`` is the other mode: webdataset over the
@@ -104,10 +104,9 @@ class ShardDataset(Dataset):
         if not self.use_expanded_labels and meta.get("is_expanded"):
             keep = torch.tensor(meta["is_expanded"]) == 0
             boxes, labels = boxes[keep], labels[keep]
-        if flip:
-            image = image.flip(-1)
+        if flip:  # the boxes flip here; the pixels flip on the training device (see ``unpack``)
             boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
-        return {"image": image, "boxes": boxes, "labels": labels, "index": i}
+        return {"image": image, "boxes": boxes, "labels": labels, "index": i, "flip": bool(flip)}
 
 
 def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
@@ -115,9 +114,12 @@ def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
     h = max(s["image"].shape[1] for s in samples)
     w = max(s["image"].shape[2] for s in samples)
     h, w = -(-h // size_divisible) * size_divisible, -(-w // size_divisible) * size_divisible
-    images = torch.zeros((len(samples), 3, h, w), dtype=torch.uint8)
+    images = torch.empty((len(samples), 3, h, w), dtype=torch.uint8)
     for k, s in enumerate(samples):
-        images[k, :, : s["image"].shape[1], : s["image"].shape[2]] = s["image"]
+        ih, iw = s["image"].shape[1:]
+        images[k, :, :ih, :iw] = s["image"]
+        images[k, :, ih:, :] = 0  # zero only the padding
+        images[k, :, :ih, iw:] = 0
     return {
         "images": images,
         "sizes": torch.tensor([s["image"].shape[1:] for s in samples], dtype=torch.int64),
@@ -125,6 +127,7 @@ def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
         "labels": torch.cat([s["labels"] for s in samples]),
         "counts": torch.tensor([len(s["labels"]) for s in samples], dtype=torch.int64),
         "indices": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        "flips": torch.tensor([s.get("flip", False) for s in samples], dtype=torch.bool),
     }
 
 
@@ -133,7 +136,9 @@ def unpack(batch: dict[str, Tensor], device: torch.device) -> tuple[list[Tensor]
     images = batch["images"].to(device, non_blocking=True)
     boxes = batch["boxes"].to(device).split(batch["counts"].tolist())
     labels = batch["labels"].to(device).split(batch["counts"].tolist())
-    out_images = [images[k, :, :h, :w] for k, (h, w) in enumerate(batch["sizes"].tolist())]
+    flips = batch["flips"].tolist() if "flips" in batch else [False] * len(images)
+    out_images = [images[k, :, :h, :w].flip(-1) if flipped else images[k, :, :h, :w]
+                  for k, ((h, w), flipped) in enumerate(zip(batch["sizes"].tolist(), flips, strict=True))]
     return out_images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
 
 
@@ -160,10 +165,11 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
         image = TF.resize(image, [nh, nw], antialias=True) if (nh, nw) != (h, w) else image
         boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4) * torch.tensor(
             [nw / w, nh / h, nw / w, nh / h])
-        if rng.random() < flip_prob:
-            image = image.flip(-1)
+        flip = rng.random() < flip_prob
+        if flip:
             boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
-        return {"image": image, "boxes": boxes, "labels": torch.tensor(meta["labels"], dtype=torch.int64), "index": -1}
+        return {"image": image, "boxes": boxes, "labels": torch.tensor(meta["labels"], dtype=torch.int64),
+                "index": -1, "flip": flip}
 
-    return wds.WebDataset(urls, resampled=True, shardshuffle=True, seed=seed, nodesplitter=wds.split_by_node,
+    return wds.WebDataset(urls, resampled=True, shardshuffle=100, seed=seed, nodesplitter=wds.split_by_node,
                           empty_check=False).map(to_sample).with_epoch(epoch_samples)
