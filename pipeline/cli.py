@@ -79,6 +79,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.oid_metric import COCO_STYLE_THRESHOLDS
+    from pipeline.scoring import score_files, write_report
+
+    thresholds = (0.5,) if not args.all_thresholds else (0.5, *[t for t in COCO_STYLE_THRESHOLDS if t != 0.5])
+    data = score_files(args.boxes, args.labels, args.hierarchy, args.classes, args.predictions, thresholds,
+                       args.s3_endpoint_url)
+    write_report(args.out, data)
+    print(f"mAP@0.5 = {data['mAP']:.4f} over {data['num_classes_with_positives']} classes, "
+          f"{data['num_images']} images, {data['num_predictions']} predictions -> {args.out}")
+    return 0
+
+
+def cmd_submission(args: argparse.Namespace) -> int:
+    from pipeline.submission import check_submission
+
+    if args.check:
+        known = None
+        if args.classes:
+            from data_prep.labels import LabelSpace
+            from data_prep.storage import read_source
+
+            known = set(LabelSpace.from_csv_text(read_source(args.classes).decode("utf-8-sig"), args.classes).mids)
+        counts = check_submission(args.check, known)
+        print(f"{args.check}: valid, {counts['images']} images, {counts['detections']} detections")
+        return 0
+    from pipeline.config import load_config
+    from pipeline.evaluate import run_submission
+
+    if not (args.config and args.checkpoint and args.images and args.out):
+        raise TsdError("tsd submission: give --check FILE, or --config, --checkpoint, --images and --out")
+    cfg = load_config(args.config, args.overrides)
+    counts = run_submission(cfg, args.checkpoint, args.images, args.out, address=args.address)
+    print(f"{args.out}: {counts['images']} images, {counts['detections']} detections")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.evaluate import checkpoint_iteration, run_evaluation
+
+    cfg = load_config(args.config, args.overrides)
+    data = run_evaluation(cfg, args.checkpoint, args.split, args.out, address=args.address,
+                          tensorboard_dir=args.tensorboard, iteration=checkpoint_iteration(args.checkpoint))
+    print(f"{args.split}: mAP@0.5 = {data['mAP']:.4f} over {data['num_classes_with_positives']} classes "
+          f"({data['num_images']} images, {data['num_detections']} detections); "
+          f"mAP@[.5:.95] = {data.get('mAP_50_95', float('nan')):.4f}")
+    for name, path in data["files"].items():
+        print(f"  {name}: {path}")
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from tsd_model.build import build_model
@@ -135,6 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="work", help="where the dataset, shards and runs go")
     _add_config_args(p, required=False)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="distributed inference on a prepared split + the official OID metric")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (or its state.pt) of `tsd train`")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--out", help="output directory (default: next to the checkpoint)")
+    p.add_argument("--tensorboard", help="log the mAP into this TensorBoard directory (the run's)")
+    p.add_argument("--address", help="Ray cluster to join; default: a local Ray")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="score a predictions file with the official OID challenge metric")
+    p.add_argument("--boxes", required=True, help="ground-truth box CSV (validation layout or train layout)")
+    p.add_argument("--labels", help="image-level label CSV (verified positives and negatives)")
+    p.add_argument("--hierarchy", required=True, help="the class hierarchy JSON")
+    p.add_argument("--classes", required=True, help="the class-description CSV (the label space)")
+    p.add_argument("--predictions", required=True, help="TF-evaluator CSV or Kaggle submission CSV")
+    p.add_argument("--out", required=True, help="report.json to write")
+    p.add_argument("--all-thresholds", action="store_true", help="also AP at IoU 0.55..0.95 and mAP@[.5:.95]")
+    p.add_argument("--s3-endpoint-url")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("submission", help="write a Kaggle submission file, or validate one (--check)")
+    p.add_argument("--check", metavar="FILE", help="validate FILE and report the first bad lines")
+    p.add_argument("--classes", help="with --check: reject MIDs outside this class-description CSV")
+    _add_config_args(p, required=False)
+    p.add_argument("--checkpoint", help="a checkpoint directory or state file of `tsd train`")
+    p.add_argument("--images", help="directory or s3:// prefix of the test images")
+    p.add_argument("--out", help="submission.csv to write")
+    p.add_argument("--address", help="Ray cluster to join; default: a local Ray")
+    p.set_defaults(func=cmd_submission)
 
     p = sub.add_parser("model-info", help="parameter counts and FLOPs of a config's detector")
     _add_config_args(p)

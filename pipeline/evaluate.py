@@ -1,0 +1,286 @@
+"""Distributed inference (Ray tasks), evaluation with the official OID metric, and submissions.
+
+Inference is sharded like detectron2's ``InferenceSampler``: the images are cut into contiguous
+ranges, one Ray task each (CPU or GPU), every image scored exactly once; each task builds the
+model, loads the checkpoint and runs batched ``torch.inference_mode`` forwards (autocast on CUDA,
+TTA when the config asks for it). The driver gathers the detections, scores them against the
+split's official CSVs and writes ``report.json``, a TF-evaluator predictions CSV and a PR plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.errors import InputError
+from data_prep.prep import resolve
+from data_prep.storage import is_s3, open_storage
+from pipeline.config import ExperimentConfig, to_dict
+
+STATE_FILE = "state.pt"
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """The state file of a checkpoint given as a state file, a checkpoint directory or a run
+    directory (then its latest checkpoint)."""
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        candidates = sorted(p for p in path.glob("checkpoint_*") if (p / STATE_FILE).is_file())
+        if candidates:
+            path = candidates[-1]
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise InputError(f"{checkpoint}: no checkpoint found (give a run directory, a checkpoint directory "
+                         f"or its {STATE_FILE})")
+    return path
+
+
+def load_state(checkpoint: str) -> dict:
+    path = resolve_checkpoint(checkpoint)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a checkpoint of `tsd train` ({type(exc).__name__})") from None
+
+
+def load_model_for_inference(cfg: ExperimentConfig, checkpoint: str, device: torch.device):
+    """The config's model with the weights of a ``tsd train`` checkpoint."""
+    from tsd_model.build import build_model
+
+    model = build_model(cfg.model)
+    state = load_state(checkpoint)
+    try:
+        model.load_state_dict(state["model"] if "model" in state else state)
+    except RuntimeError as exc:
+        raise InputError(f"{checkpoint}: the checkpoint does not fit the config's model "
+                         f"({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def _infer(model, images: list[torch.Tensor], cfg: ExperimentConfig, device: torch.device) -> list[dict]:
+    test = cfg.model.test
+    with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        images = [i.to(device) for i in images]
+        if test.tta_scales or test.tta_flip:
+            return model.detect_tta(images, list(test.tta_scales), test.tta_flip, test)
+        return model(images)
+
+
+def _infer_shard_range(cfg_dict: dict, split: str, checkpoint: str, start: int, stop: int, batch_size: int) -> dict:
+    """One task: detections of the split's images ``[start, stop)`` (normalized boxes)."""
+    from pipeline.config import from_dict
+    from pipeline.loader import ShardDataset
+
+    cfg = from_dict(ExperimentConfig, cfg_dict)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
+    model = load_model_for_inference(cfg, checkpoint, device)
+    ds = ShardDataset(cfg.data.shards, split, cfg.model.input.min_size, cfg.model.input.max_size,
+                      cfg.data.s3_endpoint_url)
+    keys, classes, scores, boxes = [], [], [], []
+    for lo in range(start, stop, batch_size):
+        items = [ds[(i, False)] for i in range(lo, min(stop, lo + batch_size))]
+        outs = _infer(model, [it["image"] for it in items], cfg, device)
+        for it, out in zip(items, outs, strict=True):
+            h, w = it["image"].shape[-2:]
+            n = len(out["scores"])
+            keys.extend([ds.index.keys[it["index"]]] * n)
+            classes.append(out["labels"].cpu().numpy())
+            scores.append(out["scores"].float().cpu().numpy())
+            boxes.append(out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32))
+    cat = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape)  # noqa: E731
+    return {"keys": keys, "classes": cat(classes, (0,)).astype(np.int64), "scores": cat(scores, (0,)),
+            "boxes": cat(boxes, (0, 4))}
+
+
+def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, address: str | None = None,
+                  num_tasks: int | None = None, progress: bool = True) -> dict:
+    """Detections on every image of a prepared split, gathered from Ray tasks."""
+    import ray
+    from tqdm import tqdm
+
+    from data_prep.ray_runtime import init_ray, shutdown_ray
+    from pipeline.loader import ShardIndex
+
+    index = ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split)
+    n = len(index)
+    tasks = num_tasks or max(1, cfg.train.num_workers)
+    bounds = np.linspace(0, n, tasks + 1).astype(int)
+    cfg_dict = to_dict(cfg)
+    started = init_ray(address)
+    try:
+        remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(
+            _infer_shard_range)
+        refs = [remote.remote(cfg_dict, split, str(checkpoint), int(a), int(b), cfg.train.images_per_worker)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        with tqdm(total=len(refs), desc=f"inference {split}", unit="task", disable=not progress) as bar:
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+            parts = ray.get(refs)
+    finally:
+        shutdown_ray(started)
+    return {
+        "keys": [k for p in parts for k in p["keys"]],
+        "classes": np.concatenate([p["classes"] for p in parts]) if parts else np.zeros(0, np.int64),
+        "scores": np.concatenate([p["scores"] for p in parts]) if parts else np.zeros(0),
+        "boxes": np.concatenate([p["boxes"] for p in parts]) if parts else np.zeros((0, 4)),
+        "num_images": n,
+    }
+
+
+def write_predictions_csv(path: Path, detections: dict, mids: tuple[str, ...]) -> None:
+    """The TF evaluator's format: ``ImageID,LabelName,Score,XMin,XMax,YMin,YMax``."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["ImageID", "LabelName", "Score", "XMin", "XMax", "YMin", "YMax"])
+    b = np.clip(detections["boxes"], 0, 1)
+    for key, c, s, box in zip(detections["keys"], detections["classes"], detections["scores"], b, strict=True):
+        writer.writerow([key, mids[int(c)], f"{s:.6g}", f"{box[0]:.6f}", f"{box[2]:.6f}", f"{box[1]:.6f}", f"{box[3]:.6f}"])
+    path.write_text(out.getvalue())
+
+
+def plot_pr_curves(path: Path, curves: dict[int, tuple[np.ndarray, np.ndarray]], names: tuple[str, ...],
+                   max_classes: int = 12) -> None:
+    """A PNG with the precision-recall curves of up to ``max_classes`` classes (Pillow, no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    size, margin = 480, 40
+    image = Image.new("RGB", (size + 200, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((margin, 10, size - 10, size - margin), outline="black")
+    draw.text((size // 2 - 20, size - 25), "recall", fill="black")
+    draw.text((2, 10), "prec.", fill="black")
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#000000", "#aa5500"]
+    w, h = size - 10 - margin, size - margin - 10
+    for k, (cls, (recall, precision)) in enumerate(list(curves.items())[:max_classes]):
+        pts = [(margin + r * w, size - margin - p * h) for r, p in zip(recall, precision, strict=True)]
+        color = palette[k % len(palette)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        draw.text((size + 5, 15 + 16 * k), names[cls][:28], fill=color)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validation", out_dir: str | None = None,
+                   address: str | None = None, progress: bool = True, tensorboard_dir: str | None = None,
+                   iteration: int | None = None) -> dict:
+    """Inference on a prepared split, the official metric on its CSVs, report/predictions/plot files."""
+    from pipeline.oid_metric import evaluate
+    from pipeline.scoring import load_ground_truth, report
+
+    if split not in cfg.data.splits or not cfg.data.splits[split].boxes:
+        raise InputError(f"data.splits.{split}: evaluation needs the split's box CSV")
+    files = cfg.data.splits[split]
+    t0 = time.perf_counter()
+    inputs = load_ground_truth(resolve(cfg.data.root, files.boxes),
+                               resolve(cfg.data.root, files.labels) if files.labels else None,
+                               resolve(cfg.data.root, cfg.data.hierarchy), resolve(cfg.data.root, cfg.data.classes),
+                               cfg.data.s3_endpoint_url)
+    detections = run_inference(cfg, checkpoint, split, address, progress=progress)
+    image_codes = np.array([inputs.images.get(k) for k in detections["keys"]], dtype=np.int64)
+    result = evaluate(inputs.gt, image_codes, detections["classes"], detections["scores"], detections["boxes"],
+                      thresholds=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95), keep_curves=True)
+    data = report(result, inputs.labels, {
+        "split": split, "checkpoint": str(checkpoint), "num_images": detections["num_images"],
+        "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)})
+    out = Path(out_dir or resolve_checkpoint(checkpoint).parent / f"eval-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    write_predictions_csv(out / "predictions.csv", detections, inputs.labels.mids)
+    plot_pr_curves(out / "pr_curves.png", result.curves, inputs.labels.names)
+    data["files"] = {"report": str(out / "report.json"), "predictions": str(out / "predictions.csv"),
+                     "pr_curves": str(out / "pr_curves.png")}
+    if tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(tensorboard_dir) as writer:
+            step = iteration or 0
+            writer.add_scalar(f"eval/{split}_mAP@0.5", data["mAP"], step)
+            if "mAP_50_95" in data:
+                writer.add_scalar(f"eval/{split}_mAP@[.5:.95]", data["mAP_50_95"], step)
+    return data
+
+
+def _list_images(images: str, endpoint_url: str | None) -> tuple[list[str], list[str]]:
+    storage = open_storage(images, endpoint_url)
+    names = sorted(o.name for o in storage.list() if o.name.lower().endswith((".jpg", ".jpeg", ".png")))
+    return [n.rsplit("/", 1)[-1].rsplit(".", 1)[0] for n in names], names
+
+
+def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, names: list[str],
+                 max_det: int) -> list[tuple[str, str]]:
+    """One task: submission rows for the image files ``names``."""
+    from PIL import Image
+
+    from pipeline.config import from_dict
+    from pipeline.submission import prediction_string
+
+    cfg = from_dict(ExperimentConfig, cfg_dict)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
+    model = load_model_for_inference(cfg, checkpoint, device)
+    storage = open_storage(images, cfg.data.s3_endpoint_url)
+    rows = []
+    for name in names:
+        with Image.open(io.BytesIO(storage.read_bytes(name))) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # the model resizes it
+        h, w = image.shape[-2:]
+        out = _infer(model, [image], cfg, device)[0]
+        boxes = out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)
+        rows.append((name.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                     prediction_string([mids[int(c)] for c in out["labels"].cpu()],
+                                       out["scores"].float().cpu().numpy(), boxes, max_det)))
+    return rows
+
+
+def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str, address: str | None = None,
+                   max_detections: int | None = None, progress: bool = True) -> dict:
+    """Detect on every image of a directory or S3 prefix and write a validated Kaggle submission."""
+    import ray
+    from tqdm import tqdm
+
+    from data_prep.labels import LabelSpace
+    from data_prep.ray_runtime import init_ray, shutdown_ray
+    from data_prep.storage import read_source
+    from pipeline.submission import check_submission, write_submission
+
+    classes_uri = resolve(cfg.data.root, cfg.data.classes)
+    labels = LabelSpace.from_csv_text(read_source(classes_uri, cfg.data.s3_endpoint_url).decode("utf-8-sig"))
+    ids, names = _list_images(images if is_s3(images) else str(Path(images).resolve()), cfg.data.s3_endpoint_url)
+    if not ids:
+        raise InputError(f"{images}: no images (.jpg, .jpeg, .png) found")
+    tasks = max(1, min(len(names), cfg.train.num_workers))
+    chunks = [c.tolist() for c in np.array_split(np.array(names, dtype=object), tasks) if len(c)]
+    cfg_dict = to_dict(cfg)
+    max_det = max_detections or cfg.model.test.max_detections
+    started = init_ray(address)
+    try:
+        remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_infer_files)
+        refs = [remote.remote(cfg_dict, list(labels.mids), str(checkpoint), images if is_s3(images) else str(Path(images).resolve()),
+                              chunk, max_det) for chunk in chunks]
+        with tqdm(total=len(refs), desc="submission", unit="task", disable=not progress) as bar:
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        rows = [row for part in ray.get(refs) for row in part]
+    finally:
+        shutdown_ray(started)
+    write_submission(out, rows)
+    counts = check_submission(out, set(labels.mids), set(ids))
+    return counts
+
+
+def checkpoint_iteration(checkpoint: str) -> int | None:
+    return load_state(checkpoint).get("iteration")
+
