@@ -1,7 +1,8 @@
 """`tsd demo`: the whole job end to end on the bundled synthetic dataset, on an embedded Ray.
 
 synthesise the OID-format dataset -> shard it with Ray tasks -> train the tiny TSD model with two
-Ray Train workers -> print where everything is. Re-running reuses the dataset and the shards (prep
+Ray Train workers -> evaluate it on the validation split with the official OID metric -> write a
+challenge submission for the validation images -> print where everything is. Re-running reuses the dataset and the shards (prep
 resumes) and starts a new training run. Writes ``demo-summary.json`` in the work directory.
 """
 
@@ -15,6 +16,7 @@ from data_prep.prep import run_prep, summary_lines
 from data_prep.ray_runtime import init_ray, shutdown_ray
 from data_prep.synthetic import generate
 from pipeline.config import dump_config, load_config
+from pipeline.evaluate import run_evaluation, run_submission
 from pipeline.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
                       [f"data.root={synth}", f"data.shards={shards}", f"train.storage_path={runs}",
                        f"train.local_dir={runs}", f"train.run_name={run_name}", *(overrides or [])])
     t0 = time.perf_counter()
-    print("== 1/3 synthesising the OID-format dataset", flush=True)
+    print("== 1/5 synthesising the OID-format dataset", flush=True)
     if not (synth / "synth-summary.json").exists():
         summary = generate(synth, num_train=200, num_validation=50, seed=0, progress=True)
         (synth / "synth-summary.json").write_text(json.dumps(summary, indent=1))
@@ -36,12 +38,19 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
         print(f"   reusing {synth}")
     started = init_ray(None)
     try:
-        print("== 2/3 sharding it with Ray tasks", flush=True)
+        print("== 2/5 sharding it with Ray tasks", flush=True)
         manifest = run_prep(cfg.data, cfg.prep, resolved_config=dump_config(cfg))
         for line in summary_lines(manifest):
             print("   " + line)
-        print(f"== 3/3 training the tiny TSD model with {cfg.train.num_workers} Ray workers", flush=True)
+        print(f"== 3/5 training the tiny TSD model with {cfg.train.num_workers} Ray workers", flush=True)
         trained = run_training(cfg)
+        print("== 4/5 evaluating it on the validation split (official OID metric)", flush=True)
+        evaluation = run_evaluation(cfg, trained["checkpoint"], "validation", str(runs / run_name / "eval-validation"),
+                                    tensorboard_dir=trained["tensorboard"],
+                                    iteration=(trained["metrics"] or {}).get("iteration"))
+        print("== 5/5 writing a challenge submission for the validation images", flush=True)
+        submission = runs / run_name / "submission.csv"
+        counts = run_submission(cfg, trained["checkpoint"], str(synth / "validation"), str(submission))
     finally:
         shutdown_ray(started)
     result = {
@@ -54,6 +63,12 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
         "final_metrics": trained["metrics"],
         "tensorboard": trained["tensorboard"],
         "config": trained["config"],
+        "mAP@0.5": evaluation["mAP"],
+        "mAP@[.5:.95]": evaluation.get("mAP_50_95"),
+        "report": evaluation["files"]["report"],
+        "pr_curves": evaluation["files"]["pr_curves"],
+        "submission": str(submission),
+        "submission_counts": counts,
     }
     (work / "demo-summary.json").write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -68,4 +83,8 @@ def print_summary(result: dict) -> None:
     print(f"  run:         {result['run']}, {metrics.get('iteration')} iterations, "
           f"final loss {sum(losses.values()):.3f}")
     print(f"  checkpoint:  {result['checkpoint']}")
+    print(f"  validation:  mAP@0.5 = {result['mAP@0.5']:.3f} (official OID metric), mAP@[.5:.95] = "
+          f"{result['mAP@[.5:.95]']:.3f}; report {result['report']}")
+    print(f"  submission:  {result['submission']} ({result['submission_counts']['images']} images, "
+          f"{result['submission_counts']['detections']} detections, validated)")
     print(f"  TensorBoard: tensorboard --logdir {result['tensorboard']} --host 127.0.0.1")
