@@ -9,6 +9,7 @@ IoU thresholds, counts.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def _codes(values: pa.Array, vocabulary: list[str]) -> np.ndarray:
 def read_predictions(path: str, inputs: ScoringInputs, endpoint_url: str | None = None) -> Predictions:
     """Read a TF-evaluator CSV or a Kaggle submission CSV (detected from the header)."""
     raw = read_source(path, endpoint_url)
-    header = raw[: raw.find(b"\n")].decode("utf-8-sig").strip().split(",")
+    header = [c.strip() for c in next(csv.reader([raw[: raw.find(b"\n")].decode("utf-8-sig")]), [])]
     mids = list(inputs.labels.mids)
     try:
         if set(TF_COLUMNS) <= set(header):

@@ -118,3 +118,13 @@ def test_prediction_string_clips_sorts_and_caps():
                              np.array([[-0.1, 0.2, 0.5, 1.3], [0.1, 0.1, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4]]), 2)
     assert text == "/m/b 0.9 0.1 0.1 0.2 0.2 /m/c 0.5 0.3 0.3 0.4 0.4"
     assert prediction_string(["/m/a"], np.array([0.25]), np.array([[-0.1, 0.2, 0.5, 1.3]])) == "/m/a 0.25 0 0.2 0.5 1"
+
+
+def test_quoted_headers_are_read(dataset, tmp_path):
+    root, files = dataset
+    inputs = load_ground_truth(**files)
+    path = tmp_path / "q.csv"
+    path.write_text('"ImageID","LabelName","Score","XMin","XMax","YMin","YMax"\n'
+                    f'"{inputs.images.ids[0]}","/m/syn_circle",0.5,0.1,0.2,0.1,0.2\n')
+    preds = read_predictions(str(path), inputs)
+    assert preds.image.tolist() == [0] and preds.score.tolist() == [0.5]
