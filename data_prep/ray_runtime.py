@@ -3,7 +3,8 @@
 With no address, a local Ray is started on this machine; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
 makes it single-machine so that every Ray listener binds to 127.0.0.1 only (a plain
 ``ray.init()`` listens on every interface). With an address (``auto``, ``ray://host:10001`` or a
-GCS address) the job joins that cluster and the environment is left alone.
+GCS address), or inside a Ray Job (which sets ``RAY_ADDRESS``), the command joins that cluster and
+the environment is left alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return True

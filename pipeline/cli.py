@@ -131,6 +131,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    if args.job_command == "submit":
+        env = dict(item.split("=", 1) for item in args.env)
+        job_id = jobs.submit(args.address, args.cmd, working_dir=args.working_dir, pip=args.pip or None,
+                             env=env or None, num_cpus=args.entrypoint_num_cpus, submission_id=args.job_id)
+        print(job_id)
+        if args.follow:
+            return _follow(jobs, args.address, job_id)
+        return 0
+    if args.job_command == "status":
+        print(jobs.status(args.address, args.job_id))
+        return 0
+    if args.job_command == "logs":
+        if args.follow:
+            return _follow(jobs, args.address, args.job_id)
+        print(jobs.logs(args.address, args.job_id), end="")
+        return 0
+    if args.job_command == "stop":
+        print("stopped" if jobs.stop(args.address, args.job_id) else "not running")
+        return 0
+    for job in jobs.list_jobs(args.address):
+        print(f"{job['job_id']}\t{job['status']}\t{job['entrypoint']}")
+    return 0
+
+
+def _follow(jobs, address: str, job_id: str) -> int:
+    for chunk in jobs.follow(address, job_id):
+        print(chunk, end="", flush=True)
+    state = jobs.status(address, job_id)
+    print(f"\njob {job_id}: {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from tsd_model.build import build_model
@@ -218,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join; default: a local Ray")
     p.set_defaults(func=cmd_submission)
 
+    p = sub.add_parser("job", help="submit tsd commands to a Ray cluster (Ray Jobs) and follow them")
+    jsub = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    q = jsub.add_parser("submit", help="submit a command: tsd job submit --address URL -- tsd train --config ...")
+    q.add_argument("--address", required=True, help="the job server, e.g. http://HEAD:8265")
+    q.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
+    q.add_argument("--pip", action="append", help="extra pip requirement for the job's environment (repeatable)")
+    q.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable (repeatable)")
+    q.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the entrypoint process")
+    q.add_argument("--job-id", help="a submission id of your choice")
+    q.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit code = outcome")
+    q.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command to run")
+    for action in ("status", "logs", "stop"):
+        q = jsub.add_parser(action, help=f"{action} of a job")
+        q.add_argument("job_id")
+        q.add_argument("--address", required=True)
+        if action == "logs":
+            q.add_argument("--follow", action="store_true", help="stream until the job ends; exit code = outcome")
+    q = jsub.add_parser("list", help="the cluster's jobs")
+    q.add_argument("--address", required=True)
+    p.set_defaults(func=cmd_job)
+
     p = sub.add_parser("model-info", help="parameter counts and FLOPs of a config's detector")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -231,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "cmd", None) and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -1,0 +1,99 @@
+"""Ray Jobs: a real local head (`ray start --head` on 127.0.0.1 with the job server) runs a tiny
+`tsd prep` and `tsd train` submitted with `tsd job submit`; logs are followed to the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import jobs
+from data_prep.synthetic import generate
+from pipeline.cli import main
+from tests.conftest import REPO, free_port
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # the job's `python`
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                             "--temp-dir", temp_dir, "--num-cpus", "2", "--block"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            jobs.list_jobs(address)
+            break
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("the Ray head did not start")
+            time.sleep(1)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_entrypoint_and_runtime_env():
+    assert jobs.entrypoint_for(["tsd", "train", "--config", "a b.yaml"]) == "python -m pipeline.cli train --config 'a b.yaml'"
+    env = jobs.runtime_env(str(REPO), ["boto3"], {"A": "1"})
+    assert env["working_dir"] == str(REPO) and ".venv" in env["excludes"] and env["pip"] == ["boto3"]
+    with pytest.raises(jobs.JobError, match="no command"):
+        jobs.entrypoint_for([])
+
+
+def test_unreachable_job_server_is_one_clear_error(capsys):
+    assert main(["job", "list", "--address", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert "cannot reach the Ray job server" in capsys.readouterr().err
+
+
+def test_prep_and_train_jobs_run_on_the_cluster(head, tmp_path, capsys):
+    generate(tmp_path / "synth", num_train=12, num_validation=0, seed=1)
+    common = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={tmp_path / 'synth'}",
+              "--set", f"data.shards={tmp_path / 'shards'}"]
+    rc = main(["job", "submit", "--address", head, "--working-dir", str(REPO), "--env", "RAY_AUTH_MODE=disabled",
+               "--follow", "--", "tsd", "prep", *common, "--split", "train", "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-2000:]
+    job_id = out.out.splitlines()[0].strip()
+    assert jobs.status(head, job_id) == "SUCCEEDED"
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["counts"]["images_written"] == 12
+    assert "train: 12 images" in jobs.logs(head, job_id)
+
+    rc = main(["job", "submit", "--address", head, "--working-dir", str(REPO), "--", "tsd", "train", *common,
+               "--set", "train.max_iterations=3", "--set", "train.checkpoint_every=3",
+               "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"train.local_dir={tmp_path / 'runs'}",
+               "--set", "train.run_name=job", "--set", "loader.num_workers=0"])
+    job_id = capsys.readouterr().out.strip().splitlines()[0]
+    assert rc == 0
+    assert main(["job", "logs", job_id, "--address", head, "--follow"]) == 0
+    followed = capsys.readouterr().out
+    assert "run job: finished at iteration 3" in followed
+    assert list((tmp_path / "runs" / "job").glob("checkpoint_*/state.pt"))
+    assert main(["job", "list", "--address", head]) == 0
+    assert job_id in capsys.readouterr().out
+
+
+def test_a_failing_job_gives_a_failing_exit_code(head, capsys):
+    rc = main(["job", "submit", "--address", head, "--working-dir", str(REPO), "--follow", "--",
+               "tsd", "prep", "--config", "/nonexistent.yaml"])
+    out = capsys.readouterr()
+    assert rc == 1 and "config file not found" in out.out and "FAILED" in out.err
