@@ -1,0 +1,81 @@
+"""The cluster manifests: the AWS launcher config passes Ray's own schema, the KubeRay RayJob is
+complete, and both agree with pyproject.toml and the CLI (versions, install, entrypoint, configs)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import tomllib
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+from tests.conftest import REPO
+
+AWS = REPO / "cluster" / "aws.yaml"
+RAYJOB = REPO / "cluster" / "kuberay-rayjob.yaml"
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _min_ray_version() -> tuple[int, ...]:
+    spec = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("ray"))
+    return tuple(int(x) for x in re.search(r">=\s*([\d.]+)", spec).group(1).split("."))
+
+
+def _validate_aws(cfg: dict) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+def test_aws_launcher_config_passes_rays_schema_and_typos_do_not():
+    cfg = yaml.safe_load(AWS.read_text())
+    _validate_aws(cfg)
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu_worker"]["min_wokers"] = 1
+    with pytest.raises(Exception, match="min_wokers"):
+        _validate_aws(bad)
+
+
+def test_aws_config_matches_the_project():
+    cfg = yaml.safe_load(AWS.read_text())
+    assert cfg["provider"]["type"] == "aws" and cfg["head_node_type"] in cfg["available_node_types"]
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    assert re.match(r"p[45]", gpu["node_config"]["InstanceType"]) and gpu["max_workers"] >= gpu["min_workers"]
+    for node in cfg["available_node_types"].values():
+        assert "instance-profile" in node["node_config"]["IamInstanceProfile"]["Arn"]  # S3 through a role
+    image = cfg["docker"]["image"]
+    version = tuple(int(x) for x in re.search(r"ray:(\d+\.\d+\.\d+)", image).group(1).split("."))
+    assert version >= _min_ray_version()
+    assert "py311" in image and _pyproject()["project"]["requires-python"].startswith(">=3.11")
+    mount = next(iter(cfg["file_mounts"]))
+    assert any("pip install" in c and mount in c for c in cfg["setup_commands"])  # installs this checkout
+    assert any("--head" in c and "--dashboard-host" in c for c in cfg["head_start_ray_commands"])
+
+
+def test_kuberay_rayjob_is_complete_and_runs_a_real_command():
+    job = yaml.safe_load(RAYJOB.read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert tuple(int(x) for x in cluster["rayVersion"].split(".")) >= _min_ray_version()
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = cluster["workerGroupSpecs"]
+    assert workers and all(int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0
+                           for w in workers)
+    assert all(w["template"]["spec"]["containers"][0]["image"] == head["image"] for w in workers)
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["python", "-m", "pipeline.cli"]
+    args = build_parser().parse_args(argv[3:])  # the entrypoint is a valid tsd command line
+    assert args.command == "train" and (REPO / args.config).is_file()
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / args.config, args.overrides)  # and its overrides are valid config keys
+    total_gpus = sum(int(w["replicas"]) * int(w["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                             ["nvidia.com/gpu"]) for w in workers)
+    assert cfg.train.use_gpu and cfg.train.num_workers == total_gpus
