@@ -166,6 +166,29 @@ def _follow(jobs, address: str, job_id: str) -> int:
     return 0 if state == "SUCCEEDED" else 1
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        from pipeline.visualize import plot_ap_vs_iou
+
+        reports = {Path(r).parent.name + f"#{k}": json.loads(Path(r).read_text()) for k, r in enumerate(args.report)}
+        plot_ap_vs_iou(out / "ap_vs_iou.png", reports)
+        print(f"{out / 'ap_vs_iou.png'}")
+    if args.images:
+        if not (args.config and args.checkpoint):
+            raise TsdError("tsd visualize --images needs --config and --checkpoint")
+        from pipeline.visualize_job import visualize_images
+
+        for path in visualize_images(args.config, args.overrides, args.checkpoint, args.images, out, args.limit):
+            print(path)
+    if not (args.report or args.images):
+        raise TsdError("tsd visualize: give --images (with --config and --checkpoint) and/or --report")
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from tsd_model.build import build_model
@@ -273,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = jsub.add_parser("list", help="the cluster's jobs")
     q.add_argument("--address", required=True)
     p.set_defaults(func=cmd_job)
+
+    p = sub.add_parser("visualize", help="TSD's P, P-hat-r and P-hat-c on images (paper Fig. 5); AP vs IoU plots")
+    _add_config_args(p, required=False)
+    p.add_argument("--checkpoint", help="a run, checkpoint directory or state file of `tsd train`")
+    p.add_argument("--images", help="a directory of images (or one image file)")
+    p.add_argument("--limit", type=int, default=8, help="at most this many images")
+    p.add_argument("--report", action="append", help="report.json of `tsd evaluate` (repeat: TSD vs baseline)")
+    p.add_argument("--out", required=True, help="output directory for the PNG files")
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("model-info", help="parameter counts and FLOPs of a config's detector")
     _add_config_args(p)

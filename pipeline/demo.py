@@ -2,7 +2,8 @@
 
 synthesise the OID-format dataset -> shard it with Ray tasks -> train the tiny TSD model with two
 Ray Train workers -> evaluate it on the validation split with the official OID metric -> write a
-challenge submission for the validation images -> print where everything is. Re-running reuses the dataset and the shards (prep
+challenge submission for the validation images -> draw TSD's derived proposals (paper Fig. 5)
+-> print where everything is. Re-running reuses the dataset and the shards (prep
 resumes) and starts a new training run. Writes ``demo-summary.json`` in the work directory.
 """
 
@@ -30,7 +31,7 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
                       [f"data.root={synth}", f"data.shards={shards}", f"train.storage_path={runs}",
                        f"train.local_dir={runs}", f"train.run_name={run_name}", *(overrides or [])])
     t0 = time.perf_counter()
-    print("== 1/5 synthesising the OID-format dataset", flush=True)
+    print("== 1/6 synthesising the OID-format dataset", flush=True)
     if not (synth / "synth-summary.json").exists():
         summary = generate(synth, num_train=200, num_validation=50, seed=0, progress=True)
         (synth / "synth-summary.json").write_text(json.dumps(summary, indent=1))
@@ -38,19 +39,22 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
         print(f"   reusing {synth}")
     started = init_ray(None)
     try:
-        print("== 2/5 sharding it with Ray tasks", flush=True)
+        print("== 2/6 sharding it with Ray tasks", flush=True)
         manifest = run_prep(cfg.data, cfg.prep, resolved_config=dump_config(cfg))
         for line in summary_lines(manifest):
             print("   " + line)
-        print(f"== 3/5 training the tiny TSD model with {cfg.train.num_workers} Ray workers", flush=True)
+        print(f"== 3/6 training the tiny TSD model with {cfg.train.num_workers} Ray workers", flush=True)
         trained = run_training(cfg)
-        print("== 4/5 evaluating it on the validation split (official OID metric)", flush=True)
+        print("== 4/6 evaluating it on the validation split (official OID metric)", flush=True)
         evaluation = run_evaluation(cfg, trained["checkpoint"], "validation", str(runs / run_name / "eval-validation"),
                                     tensorboard_dir=trained["tensorboard"],
                                     iteration=(trained["metrics"] or {}).get("iteration"))
-        print("== 5/5 writing a challenge submission for the validation images", flush=True)
+        print("== 5/6 writing a challenge submission for the validation images", flush=True)
         submission = runs / run_name / "submission.csv"
         counts = run_submission(cfg, trained["checkpoint"], str(synth / "validation"), str(submission))
+        print("== 6/6 drawing TSD's derived proposals (paper Fig. 5) and AP vs IoU (Fig. 6)", flush=True)
+        figures = visualize_demo(cfg, trained["checkpoint"], synth / "validation", runs / run_name / "figures",
+                                 evaluation["files"]["report"])
     finally:
         shutdown_ray(started)
     result = {
@@ -69,9 +73,33 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
         "pr_curves": evaluation["files"]["pr_curves"],
         "submission": str(submission),
         "submission_counts": counts,
+        "figures": [str(p) for p in figures],
     }
     (work / "demo-summary.json").write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+def visualize_demo(cfg, checkpoint: str, images: Path, out: Path, report: str) -> list[Path]:
+    """Fig. 5 (P, P-hat-r, P-hat-c) on three validation images and Fig. 6 (AP vs IoU) of the report."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from data_prep.labels import LabelSpace
+    from pipeline.evaluate import load_model_for_inference
+    from pipeline.visualize import draw_tsd, plot_ap_vs_iou, tsd_geometry
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model_for_inference(cfg, checkpoint, torch.device("cpu"))
+    names = LabelSpace.from_csv_text((Path(cfg.data.root) / cfg.data.classes).read_text()).names
+    written = []
+    for path in sorted(images.glob("*.jpg"))[:3]:
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+        drawing = draw_tsd(image, tsd_geometry(model, image), names)
+        written.append(out / f"{path.stem}_tsd.png")
+        Image.fromarray(drawing.permute(1, 2, 0).numpy()).save(written[-1])
+    plot_ap_vs_iou(out / "ap_vs_iou.png", {"TSD (tiny)": json.loads(Path(report).read_text())})
+    return [*written, out / "ap_vs_iou.png"]
 
 
 def print_summary(result: dict) -> None:
@@ -87,4 +115,5 @@ def print_summary(result: dict) -> None:
           f"{result['mAP@[.5:.95]']:.3f}; report {result['report']}")
     print(f"  submission:  {result['submission']} ({result['submission_counts']['images']} images, "
           f"{result['submission_counts']['detections']} detections, validated)")
+    print(f"  figures:     {', '.join(result['figures'])}")
     print(f"  TensorBoard: tensorboard --logdir {result['tensorboard']} --host 127.0.0.1")

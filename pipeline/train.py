@@ -102,7 +102,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     from pipeline.loader import ShardDataset, unpack
     from pipeline.sampler import GlobalBatchSampler, SamplerSpec
     from pipeline.schedule import learning_rate, parameter_groups
-    from pipeline.visualize import draw_detections
+    from pipeline.visualize import draw_detections, draw_tsd, tsd_geometry
     from tsd_model.build import build_model
 
     cfg = from_dict(ExperimentConfig, loop_config["config"])
@@ -265,6 +265,9 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
                 core.train()
                 writer.add_image("train/detections", draw_detections(images[0], targets[0]["boxes"], pred["boxes"],
                                                                      pred["scores"]), iteration)
+                if cfg.model.roi.head == "tsd":  # P, P-hat-r and the P-hat-c sampling points (paper Fig. 5)
+                    writer.add_image("train/tsd_proposals", draw_tsd(images[0], tsd_geometry(core, images[0])),
+                                     iteration)
             if bar is not None:
                 bar.update(1)
             at_epoch_end = iteration % ipe == 0

@@ -19,3 +19,103 @@ def draw_detections(image: Tensor, gt_boxes: Tensor | None, pred_boxes: Tensor |
         if len(boxes):
             out = draw_bounding_boxes(out, boxes, colors="red", width=1)
     return out
+
+
+@torch.no_grad()
+def tsd_geometry(model, image: Tensor, top_k: int = 5) -> list[dict]:
+    """TSD's derived proposals for the ``top_k`` best-scoring proposals of one image (paper Fig. 5):
+    the proposal P, the translated P-hat-r and the k x k sampling points of P-hat-c, in the pixels of
+    ``image``. Runs the model's own modules; the model must have a TSD head."""
+    from torchvision.ops import nms
+
+    from tsd_model.boxes import box_wh, translate
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = image.float().div(255) if image.dtype == torch.uint8 else image
+        batch, _ = model.transform([x])
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        stage = model.roi_heads.stages[-1]
+        if stage.tsd is None:
+            raise ValueError("the model has no TSD head")
+        out = stage.run(features, proposals, batch.image_sizes, with_sibling=False)
+        scores, labels = torch.softmax(out["logits"].float(), dim=1)[:, 1:].max(dim=1)
+        keep = nms(out["boxes"].float(), scores, 0.5)[:top_k]
+        boxes = out["boxes"][keep].float()
+        k = stage.deform_pool.output_size
+        wh = box_wh(boxes)
+        gamma = stage.tsd_cfg.gamma
+        shift = gamma * out["delta_r"][keep].float() * wh
+        offsets = gamma * out["delta_c"][keep].float() * wh[:, None, None, :]  # [n, k, k, 2]
+        centers = (torch.arange(k, device=boxes.device, dtype=torch.float32) + 0.5) / k
+        gx = boxes[:, None, None, 0] + centers[None, None, :] * wh[:, None, None, 0] + offsets[..., 0]
+        gy = boxes[:, None, None, 1] + centers[None, :, None] * wh[:, None, None, 1] + offsets[..., 1]
+        h, w = image.shape[-2:]
+        (rh, rw) = batch.image_sizes[0]
+        scale = torch.tensor([w / rw, h / rh], device=boxes.device)
+        result = []
+        for i in range(len(keep)):
+            points = torch.stack([gx[i], gy[i]], dim=-1).reshape(-1, 2) * scale
+            result.append({
+                "P": (boxes[i].view(2, 2) * scale).flatten().cpu(),
+                "P_r": (translate(boxes[i : i + 1], shift[i : i + 1])[0].view(2, 2) * scale).flatten().cpu(),
+                "P_c_points": points.cpu(),
+                "score": float(scores[keep[i]]),
+                "label": int(labels[keep[i]]),
+            })
+        return result
+    finally:
+        model.train(was_training)
+
+
+def draw_tsd(image: Tensor, geometry: list[dict], names: tuple[str, ...] | None = None,
+             min_side: int = 480) -> Tensor:
+    """P in white, P-hat-r in red, the P-hat-c sampling points in green (paper Fig. 5); small
+    images are enlarged to ``min_side`` so that the 49 points stay visible."""
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(image.detach().to("cpu", torch.uint8).permute(1, 2, 0).numpy())
+    f = max(1.0, min_side / min(pil.size))
+    if f > 1:
+        pil = pil.resize((round(pil.size[0] * f), round(pil.size[1] * f)), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(pil)
+    for g in geometry:
+        draw.rectangle((g["P"] * f).tolist(), outline=(255, 255, 255), width=2)
+        draw.rectangle((g["P_r"] * f).tolist(), outline=(255, 40, 40), width=2)
+        for x, y in (g["P_c_points"] * f).tolist():
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(40, 255, 40))
+        label = names[g["label"]] if names else str(g["label"])
+        draw.text((g["P"][0].item() * f + 3, g["P"][1].item() * f + 2), f"{label} {g['score']:.2f}",
+                  fill=(255, 255, 0))
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
+def plot_ap_vs_iou(path, reports: dict[str, dict]) -> None:
+    """AP against the IoU threshold (paper Fig. 6), one line per report (e.g. TSD vs the baseline)."""
+    from PIL import Image, ImageDraw
+
+    size, margin = 480, 45
+    image = Image.new("RGB", (size + 160, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((margin, 10, size - 10, size - margin), outline="black")
+    draw.text((size // 2 - 40, size - 25), "IoU threshold", fill="black")
+    draw.text((2, 10), "AP", fill="black")
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    w, h = size - 10 - margin, size - margin - 10
+    for k, (name, report) in enumerate(reports.items()):
+        items = sorted((float(t), v) for t, v in report["ap_at_iou"].items())
+        pts = [(margin + (t - 0.5) / 0.45 * w, size - margin - v * h) for t, v in items]
+        color = colors[k % len(colors)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for x, y in pts:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        draw.text((size + 5, 15 + 16 * k), f"{name} ({report['mAP']:.3f})"[:26], fill=color)
+    for t in (0.5, 0.6, 0.7, 0.8, 0.9):
+        x = margin + (t - 0.5) / 0.45 * w
+        draw.text((x - 8, size - margin + 4), f"{t:.1f}", fill="black")
+    image.save(path)

@@ -69,7 +69,7 @@ def test_two_workers_equal_one_worker_and_tensorboard_has_the_tags(shards, tmp_p
                 "train/lr", "train/grad_norm", "train/images_per_s", "train/data_wait_fraction"):
         assert tag in scalars, tag
     assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3]
-    assert "train/detections" in events.Tags()["images"]
+    assert {"train/detections", "train/tsd_proposals"} <= set(events.Tags()["images"])
 
 
 def _initial_state() -> dict:

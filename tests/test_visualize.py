@@ -1,0 +1,58 @@
+"""Fig. 5 geometry of TSD (P, P-hat-r, P-hat-c points), its drawing, and the AP-vs-IoU plot."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from data_prep.synthetic import generate
+from pipeline.cli import main
+from pipeline.visualize import draw_tsd, tsd_geometry
+from tests.conftest import REPO
+from tests.model_utils import tiny_model_config, toy_batch
+from tsd_model.build import build_model
+
+
+def test_geometry_follows_the_offsets():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    image = toy_batch()[0][0]
+    zero = tsd_geometry(model, image, top_k=3)
+    assert len(zero) == 3
+    for g in zero:  # fresh model: dC = dR = 0, so P-hat-r = P and the points are P's bin centers
+        torch.testing.assert_close(g["P_r"], g["P"])
+        x1, y1, x2, y2 = g["P"].tolist()
+        pts = g["P_c_points"].view(7, 7, 2)
+        torch.testing.assert_close(pts[0, 0], torch.tensor([x1 + (x2 - x1) / 14, y1 + (y2 - y1) / 14]), atol=1e-3,
+                                   rtol=0)
+    stage = model.roi_heads.stages[0]
+    with torch.no_grad():
+        stage.tsd.offsets.delta_r[-1].bias.copy_(torch.tensor([1.0, 0.0]))
+    moved = tsd_geometry(model, image, top_k=3)
+    for g in moved:
+        w = (g["P"][2] - g["P"][0]).item()
+        assert abs((g["P_r"][0] - g["P"][0]).item() - 0.1 * w) < 1e-3  # gamma * dR * w
+    drawing = draw_tsd(image, moved)
+    assert drawing.dtype == torch.uint8 and drawing.shape[0] == 3 and min(drawing.shape[1:]) >= 480
+
+
+def test_visualize_cli_writes_fig5_and_fig6_pngs(tmp_path):
+    generate(tmp_path / "synth", num_train=0, num_validation=2, seed=3)
+    model = build_model(tiny_model_config())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": model.state_dict()}, ckpt / "state.pt")
+    reports = []
+    for name, value in (("tsd", 0.6), ("sibling", 0.55)):
+        path = tmp_path / name / "report.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"mAP": value, "ap_at_iou": {"0.50": value, "0.75": value / 2, "0.95": 0.01}}))
+        reports += ["--report", str(path)]
+    assert main(["visualize", "--config", str(REPO / "configs" / "tiny.yaml"), "--set",
+                 f"data.root={tmp_path / 'synth'}", "--checkpoint", str(ckpt), "--images",
+                 str(tmp_path / "synth" / "validation"), "--out", str(tmp_path / "vis"), *reports]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "vis").glob("*.png"))
+    assert "ap_vs_iou.png" in pngs and sum(p.endswith("_tsd.png") for p in pngs) == 2
+    assert Image.open(tmp_path / "vis" / "ap_vs_iou.png").size[0] > 400
