@@ -147,36 +147,13 @@ def write_predictions_csv(path: Path, detections: dict, mids: tuple[str, ...]) -
     path.write_text(out.getvalue())
 
 
-def plot_pr_curves(path: Path, curves: dict[int, tuple[np.ndarray, np.ndarray]], names: tuple[str, ...],
-                   max_classes: int = 12) -> None:
-    """A PNG with the precision-recall curves of up to ``max_classes`` classes (Pillow, no plotting library)."""
-    from PIL import Image, ImageDraw
-
-    size, margin = 480, 40
-    image = Image.new("RGB", (size + 200, size), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((margin, 10, size - 10, size - margin), outline="black")
-    draw.text((size // 2 - 20, size - 25), "recall", fill="black")
-    draw.text((2, 10), "prec.", fill="black")
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-               "#17becf", "#000000", "#aa5500"]
-    w, h = size - 10 - margin, size - margin - 10
-    for k, (cls, (recall, precision)) in enumerate(list(curves.items())[:max_classes]):
-        pts = [(margin + r * w, size - margin - p * h) for r, p in zip(recall, precision, strict=True)]
-        color = palette[k % len(palette)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        draw.text((size + 5, 15 + 16 * k), names[cls][:28], fill=color)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
 def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validation", out_dir: str | None = None,
                    address: str | None = None, progress: bool = True, tensorboard_dir: str | None = None,
                    iteration: int | None = None) -> dict:
     """Inference on a prepared split, the official metric on its CSVs, report/predictions/plot files."""
     from pipeline.oid_metric import evaluate
     from pipeline.scoring import load_ground_truth, report
+    from pipeline.visualize import plot_pr_curves
 
     if split not in cfg.data.splits or not cfg.data.splits[split].boxes:
         raise InputError(f"data.splits.{split}: evaluation needs the split's box CSV")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
@@ -89,33 +92,55 @@ def draw_tsd(image: Tensor, geometry: list[dict], names: tuple[str, ...] | None 
         label = names[g["label"]] if names else str(g["label"])
         draw.text((g["P"][0].item() * f + 3, g["P"][1].item() * f + 2), f"{label} {g['score']:.2f}",
                   fill=(255, 255, 0))
-    import numpy as np
-
     return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
+PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#aa5500"]
+
+
+def line_chart(path, series: list[tuple[str, list[tuple[float, float]]]], x_label: str, y_label: str,
+               x_range: tuple[float, float] = (0.0, 1.0), x_ticks: tuple[float, ...] = (), markers: bool = False) -> None:
+    """A small PNG line chart (y in [0, 1]) drawn with Pillow, so that no plotting library is needed."""
+    from PIL import Image, ImageDraw
+
+    size, margin = 480, 45
+    image = Image.new("RGB", (size + 200, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((margin, 10, size - 10, size - margin), outline="black")
+    draw.text((size // 2 - 30, size - 25), x_label, fill="black")
+    draw.text((2, 10), y_label, fill="black")
+    w, h = size - 10 - margin, size - margin - 10
+    x0, x1 = x_range
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return margin + (x - x0) / (x1 - x0) * w, size - margin - y * h
+
+    for t in x_ticks:
+        draw.text((at(t, 0)[0] - 8, size - margin + 4), f"{t:g}", fill="black")
+    for k, (name, points) in enumerate(series):
+        color = PALETTE[k % len(PALETTE)]
+        pts = [at(x, y) for x, y in points]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        if markers:
+            for x, y in pts:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        draw.text((size + 5, 15 + 16 * k), name[:30], fill=color)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 def plot_ap_vs_iou(path, reports: dict[str, dict]) -> None:
     """AP against the IoU threshold (paper Fig. 6), one line per report (e.g. TSD vs the baseline)."""
-    from PIL import Image, ImageDraw
+    series = [(f"{name} ({report['mAP']:.3f})", sorted((float(t), v) for t, v in report["ap_at_iou"].items()))
+              for name, report in reports.items()]
+    line_chart(path, series, "IoU threshold", "AP", (0.5, 0.95), (0.5, 0.6, 0.7, 0.8, 0.9), markers=True)
 
-    size, margin = 480, 45
-    image = Image.new("RGB", (size + 160, size), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((margin, 10, size - 10, size - margin), outline="black")
-    draw.text((size // 2 - 40, size - 25), "IoU threshold", fill="black")
-    draw.text((2, 10), "AP", fill="black")
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
-    w, h = size - 10 - margin, size - margin - 10
-    for k, (name, report) in enumerate(reports.items()):
-        items = sorted((float(t), v) for t, v in report["ap_at_iou"].items())
-        pts = [(margin + (t - 0.5) / 0.45 * w, size - margin - v * h) for t, v in items]
-        color = colors[k % len(colors)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for x, y in pts:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-        draw.text((size + 5, 15 + 16 * k), f"{name} ({report['mAP']:.3f})"[:26], fill=color)
-    for t in (0.5, 0.6, 0.7, 0.8, 0.9):
-        x = margin + (t - 0.5) / 0.45 * w
-        draw.text((x - 8, size - margin + 4), f"{t:.1f}", fill="black")
-    image.save(path)
+
+def plot_pr_curves(path, curves: dict[int, tuple[np.ndarray, np.ndarray]], names: tuple[str, ...],
+                   max_classes: int = 12) -> None:
+    """Precision-recall curves of up to ``max_classes`` classes."""
+    series = [(names[cls], list(zip(recall.tolist(), precision.tolist(), strict=True)))
+              for cls, (recall, precision) in list(curves.items())[:max_classes]]
+    line_chart(path, series, "recall", "precision", (0.0, 1.0), (0.0, 0.5, 1.0))
