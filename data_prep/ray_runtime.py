@@ -12,6 +12,21 @@ from __future__ import annotations
 import os
 
 
+def keep_on_loopback() -> None:
+    """Make the next local Ray single-machine (every listener on 127.0.0.1).
+
+    Ray reads the variable into ``ray_constants.ENABLE_RAY_CLUSTER`` when it is imported, and the
+    driver resolves the node address from that constant; when ``ray`` was imported before this
+    call, the constant is updated too so that the driver agrees with the processes it starts.
+    """
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Make sure Ray is initialised; returns True when this call started it (so it should stop it)."""
     import ray
@@ -22,12 +37,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    keep_on_loopback()
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,  # on 127.0.0.1; it also serves the state API that Ray Train polls
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+        # gloo (torch.distributed on CPU) binds to the interface named here: loopback too
+        runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}},
     )
     return True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -319,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "address", None) and not os.environ.get("RAY_ADDRESS") and args.command != "job":
+        from data_prep.ray_runtime import keep_on_loopback
+
+        keep_on_loopback()  # before anything imports ray: a local Ray listens on 127.0.0.1 only
     if getattr(args, "cmd", None) and args.cmd[0] == "--":
         args.cmd = args.cmd[1:]
     func: Callable[[argparse.Namespace], int] = args.func
