@@ -76,6 +76,8 @@ class TrainConfig:
     log_every: int = 20
     image_log_every: int = 500  # TensorBoard image with ground truth and predictions
     max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite losses
+    eval_every_epochs: int = 0  # evaluate on eval_split with the official metric every N epochs (0: never)
+    eval_split: str = "validation"
 
 
 @dataclass

@@ -76,13 +76,21 @@ def _infer(model, images: list[torch.Tensor], cfg: ExperimentConfig, device: tor
 def _infer_shard_range(cfg_dict: dict, split: str, checkpoint: str, start: int, stop: int, batch_size: int) -> dict:
     """One task: detections of the split's images ``[start, stop)`` (normalized boxes)."""
     from pipeline.config import from_dict
-    from pipeline.loader import ShardDataset
 
     cfg = from_dict(ExperimentConfig, cfg_dict)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
     model = load_model_for_inference(cfg, checkpoint, device)
+    return detect_range(model, cfg, split, start, stop, batch_size, device)
+
+
+def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int, batch_size: int,
+                 device: torch.device) -> dict:
+    """Detections of the prepared split's images ``[start, stop)``, boxes normalized to [0, 1]."""
+    from pipeline.loader import ShardDataset
+
     ds = ShardDataset(cfg.data.shards, split, cfg.model.input.min_size, cfg.model.input.max_size,
                       cfg.data.s3_endpoint_url)
+    stop = min(stop, len(ds))
     keys, classes, scores, boxes = [], [], [], []
     for lo in range(start, stop, batch_size):
         items = [ds[(i, False)] for i in range(lo, min(stop, lo + batch_size))]
@@ -147,27 +155,60 @@ def write_predictions_csv(path: Path, detections: dict, mids: tuple[str, ...]) -
     path.write_text(out.getvalue())
 
 
-def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validation", out_dir: str | None = None,
-                   address: str | None = None, progress: bool = True, tensorboard_dir: str | None = None,
-                   iteration: int | None = None) -> dict:
-    """Inference on a prepared split, the official metric on its CSVs, report/predictions/plot files."""
-    from pipeline.oid_metric import evaluate
-    from pipeline.scoring import load_ground_truth, report
-    from pipeline.visualize import plot_pr_curves
+def split_ground_truth(cfg: ExperimentConfig, split: str):
+    """The official ground truth of a configured split (its box and image-level label CSVs)."""
+    from pipeline.scoring import load_ground_truth
 
     if split not in cfg.data.splits or not cfg.data.splits[split].boxes:
         raise InputError(f"data.splits.{split}: evaluation needs the split's box CSV")
     files = cfg.data.splits[split]
-    t0 = time.perf_counter()
-    inputs = load_ground_truth(resolve(cfg.data.root, files.boxes),
-                               resolve(cfg.data.root, files.labels) if files.labels else None,
-                               resolve(cfg.data.root, cfg.data.hierarchy), resolve(cfg.data.root, cfg.data.classes),
-                               cfg.data.s3_endpoint_url)
-    detections = run_inference(cfg, checkpoint, split, address, progress=progress)
+    return load_ground_truth(resolve(cfg.data.root, files.boxes),
+                             resolve(cfg.data.root, files.labels) if files.labels else None,
+                             resolve(cfg.data.root, cfg.data.hierarchy), resolve(cfg.data.root, cfg.data.classes),
+                             cfg.data.s3_endpoint_url)
+
+
+def score_detections(inputs, detections: dict, thresholds=(0.5,), keep_curves: bool = False):
+    from pipeline.oid_metric import evaluate
+
     image_codes = np.array([inputs.images.get(k) for k in detections["keys"]], dtype=np.int64)
-    result = evaluate(inputs.gt, image_codes, detections["classes"], detections["scores"], detections["boxes"],
-                      thresholds=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95), keep_curves=True)
+    return evaluate(inputs.gt, image_codes, detections["classes"], detections["scores"], detections["boxes"],
+                    thresholds=thresholds, keep_curves=keep_curves)
+
+
+def size_breakdown(cfg: ExperimentConfig, split: str, inputs, detections: dict) -> dict[str, float]:
+    """COCO-style AP by object size (paper Table 9) on the split's expanded ground truth, in pixels
+    of the stored images, group-of boxes as crowd regions. Not the challenge metric: a breakdown."""
+    from pipeline.coco_metric import coco_ap
+    from pipeline.loader import ShardIndex
+
+    index = ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split)
+    position = {k: i for i, k in enumerate(index.keys)}
+    sizes = np.stack([index.heights, index.widths], axis=1)
+    gt = inputs.gt
+    gt_pos = np.array([position.get(inputs.images.ids[c], -1) for c in gt.box_image], dtype=np.int64)
+    keep = gt_pos >= 0
+    scale = lambda pos: np.stack([sizes[pos, 1], sizes[pos, 0]] * 2, axis=1)  # noqa: E731 - (w, h, w, h)
+    det_pos = np.array([position[k] for k in detections["keys"]], dtype=np.int64)
+    return coco_ap(sizes, gt_pos[keep], gt.box_class[keep], gt.boxes[keep] * scale(gt_pos[keep]),
+                   gt.box_group[keep], det_pos, detections["classes"], detections["scores"],
+                   detections["boxes"] * scale(det_pos))
+
+
+def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validation", out_dir: str | None = None,
+                   address: str | None = None, progress: bool = True, tensorboard_dir: str | None = None,
+                   iteration: int | None = None) -> dict:
+    """Inference on a prepared split, the official metric on its CSVs, report/predictions/plot files."""
+    from pipeline.oid_metric import COCO_STYLE_THRESHOLDS
+    from pipeline.scoring import report
+    from pipeline.visualize import plot_pr_curves
+
+    t0 = time.perf_counter()
+    inputs = split_ground_truth(cfg, split)
+    detections = run_inference(cfg, checkpoint, split, address, progress=progress)
+    result = score_detections(inputs, detections, COCO_STYLE_THRESHOLDS, keep_curves=True)
     data = report(result, inputs.labels, {
+        "coco_style_by_size": size_breakdown(cfg, split, inputs, detections),
         "split": split, "checkpoint": str(checkpoint), "num_images": detections["num_images"],
         "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)})
     out = Path(out_dir or resolve_checkpoint(checkpoint).parent / f"eval-{split}")

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_prep.errors import ConfigError, TsdError
@@ -271,8 +272,11 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
             if bar is not None:
                 bar.update(1)
             at_epoch_end = iteration % ipe == 0
+            eval_metrics = {}
+            if at_epoch_end and tc.eval_every_epochs and (iteration // ipe) % tc.eval_every_epochs == 0:
+                eval_metrics = _evaluate_during_training(core, cfg, rank, world, device, writer, iteration)
             if iteration % tc.checkpoint_every == 0 or at_epoch_end or iteration == max_iterations:
-                save_and_report({"iteration": iteration, "epoch": iteration // ipe, "lr": lr,
+                save_and_report({**eval_metrics,"iteration": iteration, "epoch": iteration // ipe, "lr": lr,
                                  "nonfinite_skipped": skipped_total, "restarts": restarts,
                                  **{k: round(v, 6) for k, v in last_losses.items()}})
             if iteration >= max_iterations or at_epoch_end:
@@ -282,6 +286,40 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
         writer.close()
     if bar is not None:
         bar.close()
+
+
+def _evaluate_during_training(core, cfg: ExperimentConfig, rank: int, world: int, device, writer,
+                              iteration: int) -> dict:
+    """Every rank detects on its contiguous slice of the evaluation split; rank 0 gathers, scores
+    with the official metric and logs; returns ``{"val_mAP": ...}`` on rank 0 ({} elsewhere)."""
+    import torch.distributed as dist
+
+    from data_prep.storage import open_storage
+    from pipeline.evaluate import detect_range, score_detections, split_ground_truth
+    from pipeline.loader import ShardIndex
+
+    split = cfg.train.eval_split
+    n = len(ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split))
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    core.eval()
+    part = detect_range(core, cfg, split, lo, hi, cfg.train.images_per_worker, device)
+    core.train()
+    parts = [part]
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+    if rank != 0:
+        return {}
+    merged = {"keys": [k for p in parts for k in p["keys"]],
+              "classes": np.concatenate([p["classes"] for p in parts]),
+              "scores": np.concatenate([p["scores"] for p in parts]),
+              "boxes": np.concatenate([p["boxes"] for p in parts])}
+    result = score_detections(split_ground_truth(cfg, split), merged)
+    value = result.mean_ap()
+    if writer is not None:
+        writer.add_scalar(f"eval/{split}_mAP@0.5", value, iteration)
+    print(f"[tsd train] iteration {iteration}: {split} mAP@0.5 = {value:.4f}", flush=True)
+    return {"val_mAP": round(value, 6)}
 
 
 # ---------------------------------------------------------------------------------------------

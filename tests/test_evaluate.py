@@ -53,6 +53,8 @@ def test_evaluation_writes_report_files_and_tensorboard(setup, tmp_path):
     assert report["mAP"] == data["mAP"] and 0.0 <= report["mAP"] <= 1.0
     assert set(report["ap_at_iou"]) >= {"0.50", "0.75", "0.95"} and "mAP_50_95" in report
     assert report["num_images"] == 9 and report["per_class"]
+    sizes = report["coco_style_by_size"]
+    assert set(sizes) >= {"AP", "AP_small", "AP_medium", "AP_large"} and -1.0 <= sizes["AP"] <= 1.0
     header = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[0]
     assert header == "ImageID,LabelName,Score,XMin,XMax,YMin,YMax"
     assert (tmp_path / "eval" / "pr_curves.png").stat().st_size > 1000

@@ -30,8 +30,8 @@ EXACT = ["model.backbone.norm=frozen_bn", "model.rpn.batch_size_per_image=100000
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    generate(root / "synth", num_train=16, num_validation=0, seed=4, min_size=128, max_size=128)
-    cfg = tiny_config(root / "synth", root / "shards", "prep.splits=[train]")
+    generate(root / "synth", num_train=16, num_validation=6, seed=4, min_size=128, max_size=128)
+    cfg = tiny_config(root / "synth", root / "shards")
     run_prep(cfg.data, cfg.prep, progress=False)
     return root
 
@@ -126,3 +126,16 @@ def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path,
         Bucket=s3_bucket, Prefix="runs/killed/")["Contents"]]
     checkpoints = {k.split("/")[2] for k in keys if k.endswith(STATE_FILE)}
     assert len(checkpoints) >= 2 and result["checkpoint"].split("/")[-1] in checkpoints
+
+
+def test_evaluation_every_epoch_during_training(shards, tmp_path):
+    summary = run_training(_cfg(shards, tmp_path, "with-eval", "train.num_workers=2", "train.images_per_worker=1",
+                                "train.iterations_per_epoch=2", "train.max_iterations=2", "train.eval_every_epochs=1",
+                                "train.image_log_every=0", "loader.num_workers=0"))
+    assert 0.0 <= summary["metrics"]["val_mAP"] <= 1.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(summary["tensorboard"], size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/validation_mAP@0.5")] == [2]
