@@ -219,6 +219,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
     data["files"] = {"report": str(out / "report.json"), "predictions": str(out / "predictions.csv"),
                      "pr_curves": str(out / "pr_curves.png")}
     if tensorboard_dir:
+        from PIL import Image
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(tensorboard_dir) as writer:
@@ -226,6 +227,8 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
             writer.add_scalar(f"eval/{split}_mAP@0.5", data["mAP"], step)
             if "mAP_50_95" in data:
                 writer.add_scalar(f"eval/{split}_mAP@[.5:.95]", data["mAP_50_95"], step)
+            pr = np.asarray(Image.open(out / "pr_curves.png").convert("RGB"))
+            writer.add_image(f"eval/{split}_pr_curves", pr, step, dataformats="HWC")
     return data
 
 

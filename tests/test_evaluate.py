@@ -61,8 +61,9 @@ def test_evaluation_writes_report_files_and_tensorboard(setup, tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
+    assert "eval/validation_pr_curves" in events.Tags()["images"]
     (point,) = events.Scalars("eval/validation_mAP@0.5")
     assert point.step == 7 and point.value == pytest.approx(report["mAP"])
 
