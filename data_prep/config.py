@@ -7,6 +7,7 @@ them from YAML (unknown keys are errors) and applies ``--set`` overrides.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -20,8 +21,14 @@ class SplitFiles:
 
 @dataclass
 class DataConfig:
-    """Where the dataset lives (local paths or s3:// URIs) and where its shards go."""
+    """Where the dataset lives (local paths or s3:// URIs) and where its shards go.
 
+    ``format: coco`` reads COCO ``instances_*.json`` files instead: ``classes`` is then an
+    instances JSON whose categories define the label space, each split's ``boxes`` is its
+    instances JSON, ``labels`` and ``hierarchy`` are unused (the hierarchy is flat).
+    """
+
+    format: Literal["oid", "coco"] = "oid"
     root: str = "data/oid"
     classes: str = "challenge-2019-classes-description-500.csv"
     hierarchy: str = "challenge-2019-label500-hierarchy.json"

@@ -57,6 +57,17 @@ class ImageCoder:
     def get(self, image_id: str, default: int = -1) -> int:
         return self._index().get(image_id, default)
 
+    def code(self, image_id: str) -> int:
+        """The code of ``image_id``, assigning the next one if it is new."""
+        index = self._index()
+        code = index.get(image_id)
+        if code is None:
+            if self.ids and image_id <= self.ids[-1]:
+                self._ascending = False
+            code = index[image_id] = len(self.ids)
+            self.ids.append(image_id)
+        return code
+
     def truncate(self, n: int) -> None:
         """Forget the codes from ``n`` on (undo a failed read)."""
         del self.ids[n:]

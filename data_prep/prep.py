@@ -55,6 +55,10 @@ def resolve(root: str, name: str) -> str:
 
 def load_label_space(data: DataConfig) -> tuple[LabelSpace, Hierarchy]:
     uri = resolve(data.root, data.classes)
+    if data.format == "coco":
+        from data_prep.coco_files import coco_label_space
+
+        return coco_label_space(uri, data.s3_endpoint_url)
     labels = LabelSpace.from_csv_text(read_source(uri, data.s3_endpoint_url).decode("utf-8-sig"), uri)
     huri = resolve(data.root, data.hierarchy)
     hierarchy = Hierarchy.from_json_text(read_source(huri, data.s3_endpoint_url).decode("utf-8"), huri)
@@ -129,7 +133,11 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
     }
     boxes: BoxTable | None = None
     image_labels: ImageLabelTable | None = None
-    if inputs["boxes"]:
+    if inputs["boxes"] and data.format == "coco":
+        from data_prep.coco_files import read_coco_boxes
+
+        boxes = read_coco_boxes(inputs["boxes"], labels, coder, log, ep)
+    elif inputs["boxes"]:
         boxes = read_boxes(inputs["boxes"], labels, coder, log, ep, prep.drop_duplicate_boxes)
     if inputs["labels"]:
         image_labels = read_image_labels(inputs["labels"], labels, coder, log, ep)
@@ -377,7 +385,12 @@ def run_prep(
     up = hierarchy.ancestor_matrix(labels)
     out = open_storage(data.shards, data.s3_endpoint_url)
     out.put_bytes(CLASSES_FILE, labels.to_csv_text().encode())
-    out.put_bytes(HIERARCHY_FILE, read_source(resolve(data.root, data.hierarchy), data.s3_endpoint_url))
+    if data.format == "coco":
+        from data_prep.coco_files import flat_hierarchy_json
+
+        out.put_bytes(HIERARCHY_FILE, flat_hierarchy_json(labels).encode())
+    else:
+        out.put_bytes(HIERARCHY_FILE, read_source(resolve(data.root, data.hierarchy), data.s3_endpoint_url))
     if resolved_config is not None:
         out.put_bytes("prep-config.yaml", resolved_config.encode())
     manifest = _read_manifest(out)
@@ -447,7 +460,9 @@ def summary_lines(manifest: dict) -> list[str]:
         rejected = s["rejects"]["counts"]
         lines.append(
             f"  {split}: {c['images_written']} images, {c['boxes_written']} boxes "
-            f"({c['annotated_boxes_written']} annotated, the rest added for ancestor classes) in {c['shards']} shards "
+            + (f"({c['annotated_boxes_written']} annotated, the rest added for ancestor classes) "
+               if c["boxes_written"] > c["annotated_boxes_written"] else "")
+            + f"in {c['shards']} shards "
             f"({c['shards_skipped_complete']} already complete); rejects: "
             + (", ".join(f"{k}={v}" for k, v in rejected.items()) or "none")
             + (f"; changed: {', '.join(f'{k}={v}' for k, v in s['changes'].items())}" if s["changes"] else "")

@@ -300,3 +300,36 @@ def generate(
             "image_labels_count": len(label_rows),
         }
     return summary
+
+
+def export_coco(root: str | Path) -> dict[str, str]:
+    """Write ``annotations/instances_{split}.json`` (COCO format) for a synthetic dataset in ``root``,
+    from its OID-format files: the same images and boxes, group-of boxes as ``iscrowd``."""
+    root = Path(root)
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, (_, name) in enumerate(SYNTH_CLASSES)]
+    cat_id = {mid: k + 1 for k, (mid, _) in enumerate(SYNTH_CLASSES)}
+    (root / "annotations").mkdir(exist_ok=True)
+    written = {}
+    for split in ("train", "validation"):
+        files = split_files(split)
+        if not (root / files["boxes"]).exists():
+            continue
+        images, index = [], {}
+        for n, path in enumerate(sorted((root / files["images"]).glob("*.jpg")), start=1):
+            with Image.open(path) as im:
+                images.append({"id": n, "file_name": path.name, "width": im.size[0], "height": im.size[1]})
+            index[path.stem] = images[-1]
+        annotations = []
+        with open(root / files["boxes"], newline="") as f:
+            for k, row in enumerate(csv.DictReader(f), start=1):
+                im = index[row["ImageID"]]
+                w, h = im["width"], im["height"]
+                x1, x2 = float(row["XMin"]) * w, float(row["XMax"]) * w
+                y1, y2 = float(row["YMin"]) * h, float(row["YMax"]) * h
+                annotations.append({"id": k, "image_id": im["id"], "category_id": cat_id[row["LabelName"]],
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                    "iscrowd": int(row["IsGroupOf"])})
+        path = root / "annotations" / f"instances_{split}.json"
+        path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+        written[split] = str(path)
+    return written

@@ -30,6 +30,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     summary = generate(args.out, num_train=args.num_train, num_validation=args.num_validation, seed=args.seed,
                        progress=not args.quiet)
+    if args.coco:
+        from data_prep.synthetic import export_coco
+
+        summary["coco"] = export_coco(args.out)
     Path(args.out, "synth-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for split, s in summary["splits"].items():
         print(f"{split}: {s['images_count']} images, {s['boxes_count']} boxes, "
@@ -124,9 +128,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     data = run_evaluation(cfg, args.checkpoint, args.split, args.out, address=args.address,
                           tensorboard_dir=args.tensorboard, iteration=checkpoint_iteration(args.checkpoint))
-    print(f"{args.split}: mAP@0.5 = {data['mAP']:.4f} over {data['num_classes_with_positives']} classes "
-          f"({data['num_images']} images, {data['num_detections']} detections); "
-          f"mAP@[.5:.95] = {data.get('mAP_50_95', float('nan')):.4f}")
+    if "metric" in data:  # COCO datasets
+        print(f"{args.split}: COCO AP = {data['AP']:.4f}, AP50 = {data['AP50']:.4f}, AP75 = {data['AP75']:.4f} "
+              f"({data['num_images']} images, {data['num_detections']} detections)")
+    else:
+        print(f"{args.split}: mAP@0.5 = {data['mAP']:.4f} over {data['num_classes_with_positives']} classes "
+              f"({data['num_images']} images, {data['num_detections']} detections); "
+              f"mAP@[.5:.95] = {data.get('mAP_50_95', float('nan')):.4f}")
     for name, path in data["files"].items():
         print(f"  {name}: {path}")
     return 0
@@ -224,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=200)
     p.add_argument("--num-validation", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coco", action="store_true", help="also write COCO instances JSON files (annotations/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 

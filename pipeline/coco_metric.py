@@ -49,3 +49,34 @@ def coco_ap(image_sizes: np.ndarray, gt_image: np.ndarray, gt_class: np.ndarray,
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
+
+
+def coco_eval_file(gt: dict, keys: list[str], mids: tuple[str, ...], det_class: np.ndarray, det_score: np.ndarray,
+                   det_boxes_norm: np.ndarray) -> dict[str, float]:
+    """The official COCO evaluation against an instances JSON (already loaded): detections keyed by
+    file stem, classes as label-space indices (MID = category id), boxes normalized x1, y1, x2, y2."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from data_prep.coco_files import image_key
+
+    by_key = {image_key(im["file_name"]): im for im in gt["images"]}
+    results = []
+    for key, c, s, b in zip(keys, det_class, det_score, det_boxes_norm, strict=True):
+        im = by_key.get(key)
+        if im is None:
+            continue
+        w, h = float(im["width"]), float(im["height"])
+        results.append({"image_id": im["id"], "category_id": int(mids[int(c)]), "score": float(s),
+                        "bbox": [float(b[0] * w), float(b[1] * h), float((b[2] - b[0]) * w), float((b[3] - b[1]) * h)]})
+    coco = COCO()
+    coco.dataset = gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        if not results:
+            return dict.fromkeys(STAT_NAMES, 0.0)
+        evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}

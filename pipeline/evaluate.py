@@ -204,6 +204,8 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
     from pipeline.visualize import plot_pr_curves
 
     t0 = time.perf_counter()
+    if cfg.data.format == "coco":
+        return _run_coco_evaluation(cfg, checkpoint, split, out_dir, address, progress, tensorboard_dir, iteration, t0)
     inputs = split_ground_truth(cfg, split)
     detections = run_inference(cfg, checkpoint, split, address, progress=progress)
     result = score_detections(inputs, detections, COCO_STYLE_THRESHOLDS, keep_curves=True)
@@ -229,6 +231,37 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
                 writer.add_scalar(f"eval/{split}_mAP@[.5:.95]", data["mAP_50_95"], step)
             pr = np.asarray(Image.open(out / "pr_curves.png").convert("RGB"))
             writer.add_image(f"eval/{split}_pr_curves", pr, step, dataformats="HWC")
+    return data
+
+
+def _run_coco_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str, out_dir: str | None, address: str | None,
+                         progress: bool, tensorboard_dir: str | None, iteration: int | None, t0: float) -> dict:
+    """COCO datasets: COCO AP (pycocotools' COCOeval) against the split's instances JSON."""
+    from data_prep.coco_files import coco_label_space, load_coco
+    from pipeline.coco_metric import coco_eval_file
+
+    files = cfg.data.splits.get(split)
+    if files is None or not files.boxes:
+        raise InputError(f"data.splits.{split}: evaluation needs the split's instances JSON")
+    gt = load_coco(resolve(cfg.data.root, files.boxes), cfg.data.s3_endpoint_url)
+    labels, _ = coco_label_space(resolve(cfg.data.root, cfg.data.classes), cfg.data.s3_endpoint_url)
+    detections = run_inference(cfg, checkpoint, split, address, progress=progress)
+    stats = coco_eval_file(gt, detections["keys"], labels.mids, detections["classes"], detections["scores"],
+                           detections["boxes"])
+    data = {"metric": "COCO AP (pycocotools COCOeval, bbox)", "mAP": stats["AP"], **stats, "split": split,
+            "checkpoint": str(checkpoint), "num_images": detections["num_images"],
+            "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)}
+    out = Path(out_dir or resolve_checkpoint(checkpoint).parent / f"eval-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    write_predictions_csv(out / "predictions.csv", detections, labels.mids)
+    data["files"] = {"report": str(out / "report.json"), "predictions": str(out / "predictions.csv")}
+    if tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(tensorboard_dir) as writer:
+            writer.add_scalar(f"eval/{split}_coco_AP", stats["AP"], iteration or 0)
+            writer.add_scalar(f"eval/{split}_coco_AP50", stats["AP50"], iteration or 0)
     return data
 
 
