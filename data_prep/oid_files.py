@@ -242,6 +242,11 @@ class ImageLabelTable:
         return slice(int(self.offsets[code]), int(self.offsets[code + 1]))
 
 
+def pad_offsets(offsets: np.ndarray, num_images: int) -> np.ndarray:
+    """Offsets extended to ``num_images + 1`` entries: images first seen in a later file have no rows."""
+    return np.pad(offsets, (0, max(0, num_images + 1 - len(offsets))), mode="edge")
+
+
 def group_offsets(codes: np.ndarray, num_images: int) -> tuple[np.ndarray | None, np.ndarray]:
     """A stable order that groups rows by code (None when they are already grouped, as in the
     official files), and the ``[num_images + 1]`` offsets of each code's rows in that order."""

@@ -27,6 +27,7 @@ from data_prep.oid_files import (
     BoxTable,
     ImageCoder,
     ImageLabelTable,
+    pad_offsets,
     read_boxes,
     read_image_labels,
 )
@@ -99,15 +100,7 @@ def list_images(images: Storage, log: RejectLog) -> dict[str, tuple[str, int]]:
 
 def _gather(offsets: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row indices of the groups ``codes`` (concatenated in order) and the count of each group."""
-    padded = np.concatenate(
-        [
-            offsets,
-            np.full(
-                max(0, int(codes.max(initial=-1)) + 2 - len(offsets)), offsets[-1] if len(offsets) else 0
-            ),
-        ]
-    )
-    starts, ends = padded[codes], padded[codes + 1]
+    starts, ends = offsets[codes], offsets[codes + 1]
     counts = (ends - starts).astype(np.int32)
     total = int(counts.sum())
     if total == 0:
@@ -142,16 +135,11 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
     if inputs["labels"]:
         image_labels = read_image_labels(inputs["labels"], labels, coder, log, ep)
     n = len(coder)
-    box_count = (
-        np.zeros(n, np.int64)
-        if boxes is None
-        else np.diff(np.pad(boxes.offsets, (0, n + 1 - len(boxes.offsets)), mode="edge"))
-    )
-    label_count = (
-        np.zeros(n, np.int64)
-        if image_labels is None
-        else np.diff(np.pad(image_labels.offsets, (0, n + 1 - len(image_labels.offsets)), mode="edge"))
-    )
+    for table in (boxes, image_labels):  # both files' offsets over every image of the split
+        if table is not None:
+            table.offsets = pad_offsets(table.offsets, n)
+    box_count = np.zeros(n, np.int64) if boxes is None else np.diff(boxes.offsets)
+    label_count = np.zeros(n, np.int64) if image_labels is None else np.diff(image_labels.offsets)
 
     images = open_storage(inputs["images"], ep)
     files_found = list_images(images, log)

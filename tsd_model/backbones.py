@@ -9,7 +9,6 @@ torchvision's own ``ResNet``; weights are never downloaded here (see ``weights.p
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +156,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.name == "tiny":
         if cfg.dcn != "none":
             raise ValueError("backbone.dcn is only available for the ResNet/ResNeXt/SENet backbones")
-        body = TinyBody(cfg.tiny_channels, partial(norm) if norm is nn.BatchNorm2d else norm)
+        body = TinyBody(cfg.tiny_channels, norm)
         if cfg.frozen_stages > 0:
             body.stem.requires_grad_(False)
         return _fpn_from_body(body, list(cfg.tiny_channels), cfg)
