@@ -73,7 +73,7 @@ def read_jpeg_header(raw: bytes) -> JpegHeader | None:
     Walks the marker segments up to the first start-of-frame (tens of microseconds). Returns None
     for anything it does not fully understand; the caller then asks Pillow.
     """
-    if not raw.startswith(JPEG_SOI):
+    if raw[:2] != JPEG_SOI:
         return None
     i, n, orientation = 2, len(raw), 1
     while i + 4 <= n:
@@ -129,6 +129,11 @@ def _exif_orientation(raw: bytes, start: int, end: int) -> int | None:
     return 1
 
 
+def _has_eoi(raw) -> bool:
+    """An end-of-image marker near the end (``raw``: bytes or an mmap of the file)."""
+    return raw.rfind(JPEG_EOI, max(0, len(raw) - EOI_SEARCH_WINDOW)) >= 0
+
+
 def check_image(
     raw: bytes,
     resize_short_side: int | None = None,
@@ -136,7 +141,8 @@ def check_image(
     jpeg_quality: int = 90,
     verify_decode: bool = False,
 ) -> CheckedImage:
-    """Validate ``raw`` image bytes and return what to store; raises ``ImageRejected``."""
+    """Validate ``raw`` image bytes (or an mmap of the file) and return what to store; raises
+    ``ImageRejected``. When the image can be stored unchanged, ``data`` is ``raw`` itself."""
     if len(raw) == 0:
         raise ImageRejected(R.ZERO_SIZE_IMAGE, "the file is empty (0 bytes)")
     header = None if verify_decode else read_jpeg_header(raw)
@@ -144,7 +150,7 @@ def check_image(
         # The common case, decided from the markers alone: a baseline/progressive RGB JPEG, upright.
         if header.width == 0 or header.height == 0:
             raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {header.width}x{header.height}")
-        if raw.rfind(JPEG_EOI, -EOI_SEARCH_WINDOW) < 0:
+        if not _has_eoi(raw):
             raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")
         target = _target_size(header.width, header.height, resize_short_side, resize_max_long_side)
         if target == (header.width, header.height):
@@ -162,7 +168,7 @@ def check_image(
     if width == 0 or height == 0:
         raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {width}x{height}")
     is_jpeg = image.format == "JPEG"
-    if is_jpeg and (not raw.startswith(JPEG_SOI) or raw.rfind(JPEG_EOI, -EOI_SEARCH_WINDOW) < 0):
+    if is_jpeg and (raw[:2] != JPEG_SOI or not _has_eoi(raw)):
         raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")
 
     changes: list[str] = []

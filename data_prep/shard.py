@@ -11,8 +11,10 @@ counts as done only when both exist and the report's plan fingerprint matches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 import tarfile
 import tempfile
@@ -25,7 +27,7 @@ from data_prep.boxes import normalized_to_pixels
 from data_prep.errors import InputError
 from data_prep.images import ImageRejected, check_image
 from data_prep.rejects import Reject
-from data_prep.storage import Storage
+from data_prep.storage import LocalStorage, Storage
 
 REPORT_DIR = "_shards"
 TAR_MTIME = 0
@@ -171,6 +173,17 @@ class _HashingWriter:
         self.sha256.update(data)
         return self._f.write(data)
 
+    def send_file(self, fd: int, content) -> None:
+        """Append the whole file ``fd`` (whose bytes are ``content``) without copying it through Python."""
+        self.sha256.update(content)
+        self._f.flush()
+        out, offset, size = self._f.fileno(), 0, len(content)
+        while offset < size:
+            sent = os.sendfile(out, fd, offset, size - offset)
+            if sent == 0:
+                raise OSError(f"sendfile stopped at {offset} of {size} bytes")
+            offset += sent
+
 
 class _TarWriter:
     """A minimal reproducible USTAR writer that knows where each member's data starts.
@@ -183,7 +196,9 @@ class _TarWriter:
         self._f = f
         self.offset = 0
 
-    def add(self, name: str, data: bytes) -> tuple[int, int]:
+    def add(self, name: str, data, source_fd: int | None = None) -> tuple[int, int]:
+        """Append a member; with ``source_fd`` (a file whose whole content is ``data``, e.g. its mmap)
+        the bytes are hashed from ``data`` and copied by the kernel (``os.sendfile``)."""
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
         info.uid = info.gid = 0
@@ -191,7 +206,10 @@ class _TarWriter:
         header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
         pad = -len(data) % tarfile.BLOCKSIZE
         self._f.write(header)
-        self._f.write(data)
+        if source_fd is None:
+            self._f.write(data)
+        else:
+            self._f.send_file(source_fd, data)
         if pad:
             self._f.write(b"\0" * pad)
         data_offset = self.offset + len(header)
@@ -201,6 +219,19 @@ class _TarWriter:
     def close(self) -> None:
         end = self.offset + 2 * tarfile.BLOCKSIZE
         self._f.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+
+
+@contextlib.contextmanager
+def _open_source(images: Storage, source: str):
+    """``(content, fd)`` of an image: a read-only mmap and its descriptor for local files (no copy),
+    the bytes and None otherwise (S3, empty files)."""
+    if isinstance(images, LocalStorage):
+        with open(images.local_path(source), "rb") as f:
+            if os.fstat(f.fileno()).st_size > 0:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    yield mm, f.fileno()
+                    return
+    yield images.read_bytes(source), None
 
 
 def write_shard(
@@ -220,24 +251,23 @@ def write_shard(
             tar = _TarWriter(writer)
             for i, (image_id, source) in enumerate(zip(spec.image_ids, spec.sources, strict=True)):
                 try:
-                    raw = images.read_bytes(source)
-                    checked = check_image(
-                        raw,
-                        settings.resize_short_side,
-                        settings.resize_max_long_side,
-                        settings.jpeg_quality,
-                        settings.verify_decode,
-                    )
+                    with _open_source(images, source) as (raw, fd):
+                        checked = check_image(raw, settings.resize_short_side, settings.resize_max_long_side,
+                                              settings.jpeg_quality, settings.verify_decode)
+                        if checked.data is raw and fd is not None:  # unchanged local file: no copy
+                            jpg_offset, jpg_size = tar.add(f"{image_id}.jpg", raw, fd)
+                        else:  # re-encoded bytes, or the original bytes read from S3
+                            jpg_offset, data = None, checked.data
                 except ImageRejected as exc:
-                    result.rejects.append(
-                        asdict(Reject(exc.reason, images.uri(source), exc.detail, image_id=image_id))
-                    )
+                    result.rejects.append(asdict(Reject(exc.reason, images.uri(source), exc.detail,
+                                                        image_id=image_id)))
                     continue
                 except (OSError, InputError) as exc:
-                    result.rejects.append(
-                        asdict(Reject(R.MISSING_IMAGE, images.uri(source), str(exc), image_id=image_id))
-                    )
+                    result.rejects.append(asdict(Reject(R.MISSING_IMAGE, images.uri(source), str(exc),
+                                                        image_id=image_id)))
                     continue
+                if jpg_offset is None:
+                    jpg_offset, jpg_size = tar.add(f"{image_id}.jpg", data)
                 for change in checked.changes:
                     result.changes[change] = result.changes.get(change, 0) + 1
                 b1, l1 = int(box_ends[i]), int(label_ends[i])
@@ -264,7 +294,6 @@ def write_shard(
                 for k, key in enumerate(FLAG_KEYS):
                     sample[key] = flags[k] if flags else []
                 meta = json.dumps(sample, sort_keys=True, separators=(",", ":")).encode()
-                jpg_offset, jpg_size = tar.add(f"{image_id}.jpg", checked.data)
                 json_offset, json_size = tar.add(f"{image_id}.json", meta)
                 result.annotated_boxes += int((targets.added[b0:b1] == 0).sum())
                 for c in labels:

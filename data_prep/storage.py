@@ -104,6 +104,10 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise InputError(f"{self._path(name)}: no such file") from None
 
+    def local_path(self, name: str) -> Path:
+        """The file behind ``name`` (local storage only: lets callers map or send it without a copy)."""
+        return self._path(name)
+
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         with open(self._path(name), "rb") as f:
             f.seek(offset)
