@@ -96,3 +96,4 @@ def test_translation_fast_path_at_inference_equals_the_grid_path():
     with torch.no_grad():
         fast = pool(features, boxes, (256, 256), shift, translation_only=True)  # roi_align on moved boxes
     torch.testing.assert_close(fast, with_grad.detach(), atol=1e-4, rtol=0)
+

@@ -74,6 +74,13 @@ def deform_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None, outp
     return out
 
 
+def _pool_translated(features: Tensor, rois: Tensor, shift: Tensor, k: int, scale: float, s: int) -> Tensor:
+    """RoIAlign of the RoIs moved by ``shift`` (``[K, 2]`` pixels): deformable pooling with one offset."""
+    moved = rois.to(features.dtype).clone()
+    moved[:, 1:] += shift.to(features.dtype).repeat(1, 2)
+    return roi_align(features, moved, k, scale, s, aligned=True)
+
+
 def fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224.0,
                canonical_level: int = 4) -> Tensor:
     """FPN level index (0 = finest) of each box: floor(k0 + log2(sqrt(area) / 224)), clamped.
@@ -136,12 +143,10 @@ class MultiScaleDeformRoIPool(nn.Module):
                 out[idx] = roi_align(features[name], rois[idx].to(features[name].dtype), self.output_size, scale,
                                      self.sampling_ratio, aligned=True).to(out.dtype)
             elif translation_only and not torch.is_grad_enabled():
-                # one shift for the whole grid = pooling the translated box; roi_align is faster but
-                # gives no gradient to the shift, so it serves inference only
-                moved = rois[idx].clone()
-                moved[:, 1:] += offsets[idx, 0, 0].repeat(1, 2).to(moved.dtype)
-                out[idx] = roi_align(features[name], moved.to(features[name].dtype), self.output_size, scale,
-                                     self.sampling_ratio, aligned=True).to(out.dtype)
+                # one shift for the whole grid = pooling the translated box; roi_align gives no gradient
+                # to the shift, so it serves inference only
+                out[idx] = _pool_translated(features[name], rois[idx], offsets[idx, 0, 0], self.output_size, scale,
+                                            self.sampling_ratio).to(out.dtype)
             else:
                 out[idx] = deform_roi_pool(features[name], rois[idx], offsets[idx], self.output_size, scale,
                                            self.sampling_ratio)
