@@ -25,6 +25,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_parse_csv.py
 	$(PY) bench/bench_shard.py
+	$(PY) bench/bench_loader.py
+	$(PY) bench/bench_metric.py
+	$(PY) bench/bench_model.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
