@@ -90,6 +90,9 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
 
     ds = ShardDataset(cfg.data.shards, split, cfg.model.input.min_size, cfg.model.input.max_size,
                       cfg.data.s3_endpoint_url)
+    if ds.skipped:
+        raise InputError(f"{cfg.data.shards}: split '{split}' has missing or truncated shards {ds.skipped}; "
+                         f"evaluating without them would change the metric -- re-run `tsd prep`")
     stop = min(stop, len(ds))
     keys, classes, scores, boxes = [], [], [], []
     for lo in range(start, stop, batch_size):

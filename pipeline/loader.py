@@ -28,6 +28,13 @@ from data_prep.prep import index_name
 from data_prep.storage import Storage, open_storage
 
 
+def _subset(index: ShardIndex, keep: np.ndarray) -> ShardIndex:
+    sel = np.flatnonzero(keep)
+    return ShardIndex([index.keys[i] for i in sel], [index.shards[i] for i in sel], index.offsets[sel],
+                      index.jpg_sizes[sel], index.ends[sel], index.json_offsets[sel], index.widths[sel],
+                      index.heights[sel], [index.labels[i] for i in sel])
+
+
 @dataclass
 class ShardIndex:
     """The columns of ``{split}-index.parquet`` that the loader and samplers use."""
@@ -68,7 +75,13 @@ def resize_shape(height: int, width: int, min_size: int, max_size: int) -> tuple
 
 
 class ShardDataset(Dataset):
-    """Map-style dataset over the shards; an item is ``(index, flip)`` from the sampler."""
+    """Map-style dataset over the shards; an item is ``(index, flip)`` from the sampler.
+
+    On opening, every shard's size is checked against the index: the samples of a truncated or
+    missing shard are left out (``skipped``: shard -> samples lost, reported by the callers),
+    so that one damaged file does not stop a run; a sample that is damaged inside its bytes is
+    an error naming the shard and the key.
+    """
 
     def __init__(self, shards_uri: str, split: str, min_size: int, max_size: int,
                  endpoint_url: str | None = None, use_expanded_labels: bool = True) -> None:
@@ -76,6 +89,20 @@ class ShardDataset(Dataset):
         self.index = ShardIndex.load(self.storage, split)
         self.min_size, self.max_size = min_size, max_size
         self.use_expanded_labels = use_expanded_labels
+        self.skipped: dict[str, int] = {}
+        sizes = {}
+        for name in sorted(set(self.index.shards)):
+            sizes[name] = self.storage.size(name) if self.storage.exists(name) else -1
+        shard_size = np.array([sizes[s] for s in self.index.shards], dtype=np.int64)
+        complete = self.index.ends <= shard_size
+        if not complete.all():
+            for name in np.unique(np.array(self.index.shards, dtype=object)[~complete]):
+                self.skipped[str(name)] = int(sum(1 for s, ok in zip(self.index.shards, complete, strict=True)
+                                                  if s == name and not ok))
+            self.index = _subset(self.index, complete)
+            if len(self.index) == 0:
+                raise InputError(f"{shards_uri}: every shard of split '{split}' is missing or truncated "
+                                 f"({sorted(self.skipped)[:3]}...); re-run `tsd prep`")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -92,8 +119,12 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         i, flip = item
-        jpg, meta = self.read(i)
-        image = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        try:
+            jpg, meta = self.read(i)
+            image = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (ValueError, RuntimeError) as exc:  # bad JSON or JPEG bytes inside a complete-looking shard
+            raise InputError(f"{self.storage.uri(self.index.shards[i])} [{self.index.keys[i]}]: damaged sample "
+                             f"({type(exc).__name__}: {str(exc)[:120]}); re-run `tsd prep` for this split") from None
         h, w = image.shape[-2:]
         nh, nw, _ = resize_shape(h, w, self.min_size, self.max_size)
         if (nh, nw) != (h, w):

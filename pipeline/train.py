@@ -130,6 +130,9 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     # 2. data: the same global batches whatever the number of workers
     dataset = ShardDataset(cfg.data.shards, tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
                            cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels)
+    if dataset.skipped and rank == 0:
+        print(f"[tsd train] left out {sum(dataset.skipped.values())} samples of missing or truncated shards: "
+              f"{dataset.skipped} (re-run `tsd prep` to restore them)", flush=True)
     per_rank = tc.images_per_worker * tc.grad_accumulation
     global_batch = per_rank * world
     ipe = tc.iterations_per_epoch or max(1, math.ceil(len(dataset) / global_batch))
@@ -157,6 +160,8 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     status = _StatusFile(run_dir / "workers", rank)
     status.write(iteration, "running")
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=iteration) if rank == 0 else None
+    if writer is not None:
+        writer.add_scalar("data/samples_left_out", sum(dataset.skipped.values()), iteration)
     bar = None
     if rank == 0:
         from tqdm import tqdm

@@ -179,3 +179,27 @@ def test_s3_in_and_out(synth, s3_server, s3_bucket, tmp_path):
     assert len(names) == 2 * shard["samples"] and names[0].endswith(".jpg") and names[1].endswith(".json")
     local = _prep(synth, tmp_path / "local")
     assert [s["sha256"] for s in local["splits"]["train"]["shards"]] == [s["sha256"] for s in info["shards"]]
+
+
+def test_loader_leaves_out_truncated_shards_and_names_damaged_samples(prepared, tmp_path):
+    from data_prep.errors import InputError
+    from pipeline.loader import ShardDataset
+
+    out, manifest = prepared
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    shard = manifest["splits"]["train"]["shards"][0]
+    path = copy / shard["name"]
+    path.write_bytes(path.read_bytes()[: shard["bytes"] // 2])  # truncated
+    ds = ShardDataset(str(copy), "train", 160, 224)
+    assert 0 < ds.skipped[shard["name"]] <= shard["samples"]
+    assert len(ds) == 40 - ds.skipped[shard["name"]]
+    assert all(s != shard["name"] or ds.index.ends[k] <= path.stat().st_size for k, s in enumerate(ds.index.shards))
+    # damage the bytes of one sample of another shard: a clear error naming shard and key
+    other = manifest["splits"]["train"]["shards"][1]["name"]
+    k = ds.index.shards.index(other)
+    data = bytearray((copy / other).read_bytes())
+    data[int(ds.index.json_offsets[k]) : int(ds.index.json_offsets[k]) + 5] = b"XXXXX"
+    (copy / other).write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"{other} \[{ds.index.keys[k]}\]: damaged sample"):
+        ds[(k, False)]
