@@ -282,9 +282,18 @@ def _iter_batches(reader, uri: str, typed: bool):
         raise InputError(f"{uri}: cannot parse CSV ({exc})") from None
 
 
-def _column_types(columns: tuple[str, ...], numeric: tuple[str, ...], typed: bool) -> dict[str, pa.DataType]:
-    """Types of the columns to read (the others are skipped by the parser)."""
-    return {c: (pa.float32() if typed and c in numeric else pa.string()) for c in columns}
+def _column_types(columns: tuple[str, ...], numeric: tuple[str, ...], typed: bool,
+                  small_ints: tuple[str, ...] = ()) -> dict[str, pa.DataType]:
+    """Types of the columns to read (the others are skipped by the parser); on the fast path the
+    0/1 flag columns are parsed straight into int8."""
+    def kind(c: str) -> pa.DataType:
+        if not typed:
+            return pa.string()
+        if c in small_ints:
+            return pa.int8()
+        return pa.float32() if c in numeric else pa.string()
+
+    return {c: kind(c) for c in columns}
 
 
 def read_boxes(
@@ -323,9 +332,7 @@ def _read_boxes_once(
     line_map = _LineMap()
     reader = _open_reader(
         uri,
-        _column_types(
-            ("ImageID", "LabelName", *coords, *flags_present), coords + tuple(flags_present), typed
-        ),
+        _column_types(("ImageID", "LabelName", *coords, *flags_present), coords, typed, tuple(flags_present)),
         line_map,
         log,
         endpoint_url,
@@ -349,6 +356,9 @@ def _read_boxes_once(
             malformed |= bad
         flag_values = {}
         for f in flags_present:
+            if pa.types.is_integer(cols[f].type):  # fast path: empty cells are nulls -> -1 (unknown)
+                flag_values[f] = pc.fill_null(cols[f], -1).to_numpy(zero_copy_only=False).astype(np.int8, copy=False)
+                continue
             v, bad = _numbers(cols[f], allow_empty=True)
             malformed |= bad
             flag_values[f] = np.where(np.isnan(v), -1, v).astype(np.int8)
@@ -428,7 +438,7 @@ def _read_boxes_once(
 def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
     """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
 
-    One sort of a 64-bit row hash finds candidate runs of equal hashes; inside a run rows are
+    One sort of a per-image row hash finds candidate runs of equal keys; inside a run rows are
     compared exactly in row order, so a hash collision never drops a row.
     """
     bits = box.view(np.uint64)  # (x1, y1) and (x2, y2) as two 64-bit words per row
@@ -444,8 +454,11 @@ def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, grou
         h *= np.uint64(0x94D049BB133111EB)
         h ^= bits[:, 1]
         h ^= h >> np.uint64(32)
-    order = np.argsort(h)
-    hs = h[order]
+    # rows are grouped by image: a key of (image, top bits of the hash) is nearly sorted already,
+    # which the stable sort (timsort) exploits -- several times faster than sorting the hash alone
+    key = (img.astype(np.uint64) << np.uint64(32)) | (h >> np.uint64(32))
+    order = np.argsort(key, kind="stable")
+    hs = key[order]
     keep = np.ones(len(h), dtype=bool)
     same = np.flatnonzero(hs[1:] == hs[:-1])  # position j: sorted rows j and j + 1 share a hash
     run_start = None
