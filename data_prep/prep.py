@@ -269,7 +269,8 @@ def _run_tasks(
     plan: SplitPlan, out: Storage, settings: ImageSettings, up: np.ndarray, prep: PrepConfig, progress: bool
 ) -> list[ShardResult]:
     import ray
-    from tqdm import tqdm
+
+    from data_prep.ray_runtime import gather_with_progress
 
     results: dict[int, ShardResult] = {}
     todo = []
@@ -281,26 +282,10 @@ def _run_tasks(
             todo.append(spec)
     task = ray.remote(num_cpus=prep.num_cpus_per_task, max_retries=2)(write_shard)
     up_ref = ray.put(up)
-    pending = {task.remote(spec, plan.images, out, settings, up_ref): spec.index for spec in todo}
-    bar = tqdm(
-        total=len(plan.shards),
-        initial=len(results),
-        desc=f"prep {plan.split} shards",
-        unit="shard",
-        disable=not progress,
-    )
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                pending.pop(ref)
-                result = ray.get(ref)
-                results[result.index] = result
-                bar.update(1)
-    finally:
-        bar.close()
-        for ref in pending:
-            ray.cancel(ref, force=True)
+    refs = [task.remote(spec, plan.images, out, settings, up_ref) for spec in todo]
+    for result in gather_with_progress(refs, f"prep {plan.split} shards", "shard", progress, initial=len(results),
+                                       total=len(plan.shards)):
+        results[result.index] = result
     return [results[i] for i in sorted(results)]
 
 

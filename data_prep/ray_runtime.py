@@ -54,3 +54,24 @@ def shutdown_ray(started: bool) -> None:
         import ray
 
         ray.shutdown()
+
+
+def gather_with_progress(refs: list, desc: str, unit: str = "task", progress: bool = True,
+                         initial: int = 0, total: int | None = None) -> list:
+    """``ray.get`` of every ref, in order, with a progress bar that moves as tasks finish; the
+    unfinished tasks are cancelled if this is interrupted or a task fails."""
+    import ray
+    from tqdm import tqdm
+
+    pending = list(refs)
+    try:
+        with tqdm(total=total if total is not None else len(refs), initial=initial, desc=desc, unit=unit,
+                  disable=not progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)  # raise a task's error as soon as it happens
+                bar.update(len(done))
+        return ray.get(list(refs))
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)

@@ -243,8 +243,7 @@ def write_shard(
     box_ends = np.cumsum(targets.counts)
     label_ends = np.cumsum(spec.label_counts)
     result = ShardResult(spec.split, spec.index, spec.name, spec.fingerprint, "", 0)
-    staging = out.staging_dir() if hasattr(out, "staging_dir") else tempfile.gettempdir()
-    fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".tmp", dir=staging)
+    fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".tmp", dir=out.staging_dir())
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)

@@ -83,6 +83,10 @@ class Storage:
     def uri(self, name: str) -> str:
         return join(self.root, name) if name else self.root
 
+    def staging_dir(self) -> str:
+        """Where finished files wait before they are published (same filesystem when possible)."""
+        return tempfile.gettempdir()
+
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
 
@@ -265,8 +269,6 @@ class S3Storage(Storage):
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
-    def staging_dir(self) -> str:
-        return tempfile.gettempdir()
 
 
 def open_storage(root: str | os.PathLike, endpoint_url: str | None = None) -> Storage:

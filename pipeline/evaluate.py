@@ -114,9 +114,8 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, address: s
                   num_tasks: int | None = None, progress: bool = True) -> dict:
     """Detections on every image of a prepared split, gathered from Ray tasks."""
     import ray
-    from tqdm import tqdm
 
-    from data_prep.ray_runtime import init_ray, shutdown_ray
+    from data_prep.ray_runtime import gather_with_progress, init_ray, shutdown_ray
     from pipeline.loader import ShardIndex
 
     index = ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split)
@@ -130,12 +129,7 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, address: s
             _infer_shard_range)
         refs = [remote.remote(cfg_dict, split, str(checkpoint), int(a), int(b), cfg.train.images_per_worker)
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        with tqdm(total=len(refs), desc=f"inference {split}", unit="task", disable=not progress) as bar:
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                bar.update(len(done))
-            parts = ray.get(refs)
+        parts = gather_with_progress(refs, f"inference {split}", progress=progress)
     finally:
         shutdown_ray(started)
     return {
@@ -304,10 +298,9 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
                    max_detections: int | None = None, progress: bool = True) -> dict:
     """Detect on every image of a directory or S3 prefix and write a validated Kaggle submission."""
     import ray
-    from tqdm import tqdm
 
     from data_prep.labels import LabelSpace
-    from data_prep.ray_runtime import init_ray, shutdown_ray
+    from data_prep.ray_runtime import gather_with_progress, init_ray, shutdown_ray
     from data_prep.storage import read_source
     from pipeline.submission import check_submission, write_submission
 
@@ -325,12 +318,7 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
         remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_infer_files)
         refs = [remote.remote(cfg_dict, list(labels.mids), str(checkpoint), images if is_s3(images) else str(Path(images).resolve()),
                               chunk, max_det) for chunk in chunks]
-        with tqdm(total=len(refs), desc="submission", unit="task", disable=not progress) as bar:
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                bar.update(len(done))
-        rows = [row for part in ray.get(refs) for row in part]
+        rows = [row for part in gather_with_progress(refs, "submission", progress=progress) for row in part]
     finally:
         shutdown_ray(started)
     write_submission(out, rows)
