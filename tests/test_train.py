@@ -139,3 +139,14 @@ def test_evaluation_every_epoch_during_training(shards, tmp_path):
     events = EventAccumulator(summary["tensorboard"], size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("eval/validation_mAP@0.5")] == [2]
+
+
+def test_non_finite_losses_are_skipped_then_abort_with_a_clear_error(shards, tmp_path):
+    from pipeline.train import TrainingError
+
+    cfg = _cfg(shards, tmp_path, "diverging", "train.num_workers=2", "train.images_per_worker=1",
+               "train.base_lr_per_image=1000.0", "train.warmup_iterations=0", "train.max_iterations=40",
+               "train.max_nonfinite_in_row=3", "train.max_failures=0", "train.image_log_every=0",
+               "loader.num_workers=0", "train.checkpoint_every=1000")
+    with pytest.raises(TrainingError, match="3 consecutive iterations with a non-finite loss"):
+        run_training(cfg)
