@@ -4,6 +4,7 @@ worker is survived with checkpoints in S3 (moto server), TensorBoard events read
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -150,3 +151,17 @@ def test_non_finite_losses_are_skipped_then_abort_with_a_clear_error(shards, tmp
                "loader.num_workers=0", "train.checkpoint_every=1000")
     with pytest.raises(TrainingError, match="3 consecutive iterations with a non-finite loss"):
         run_training(cfg)
+
+
+def test_gradient_accumulation_equals_the_bigger_batch_and_bf16_autocast_trains(shards, tmp_path):
+    common = [*EXACT, "train.max_iterations=2", "train.checkpoint_every=2", "train.warmup_iterations=0",
+              "train.num_workers=1"]
+    big = run_training(_cfg(shards, tmp_path, "big", *common, "train.images_per_worker=2"))
+    accumulated = run_training(_cfg(shards, tmp_path, "acc", *common, "train.images_per_worker=1",
+                                    "train.grad_accumulation=2"))
+    a, b = _final_state(big)["model"], _final_state(accumulated)["model"]
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, atol=2e-5, rtol=1e-4, msg=name)
+    amp = run_training(_cfg(shards, tmp_path, "bf16", *common, "train.images_per_worker=1", "train.amp=bf16"))
+    losses = {k: v for k, v in amp["metrics"].items() if k.startswith("loss_")}
+    assert losses and all(math.isfinite(v) for v in losses.values())
