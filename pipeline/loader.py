@@ -202,5 +202,5 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
         return {"image": image, "boxes": boxes, "labels": torch.tensor(meta["labels"], dtype=torch.int64),
                 "index": -1, "flip": flip}
 
-    return wds.WebDataset(urls, resampled=True, shardshuffle=100, seed=seed, nodesplitter=wds.split_by_node,
+    return wds.WebDataset(urls, resampled=True, seed=seed, nodesplitter=wds.split_by_node,
                           empty_check=False).map(to_sample).with_epoch(epoch_samples)

@@ -165,3 +165,17 @@ def test_gradient_accumulation_equals_the_bigger_batch_and_bf16_autocast_trains(
     amp = run_training(_cfg(shards, tmp_path, "bf16", *common, "train.images_per_worker=1", "train.amp=bf16"))
     losses = {k: v for k, v in amp["metrics"].items() if k.startswith("loss_")}
     assert losses and all(math.isfinite(v) for v in losses.values())
+
+
+def test_streaming_mode_trains_from_webdataset(shards, tmp_path):
+    from pipeline.loader import collate, streaming_dataset
+
+    stream = streaming_dataset(str(shards / "shards"), "train", 160, 224, epoch_samples=5, seed=0)
+    samples = list(stream)
+    assert len(samples) == 5 and all(s["image"].dtype == torch.uint8 and len(s["boxes"]) == len(s["labels"])
+                                     for s in samples)
+    assert collate(samples)["images"].shape[0] == 5
+    summary = run_training(_cfg(shards, tmp_path, "stream", "loader.mode=streaming", "loader.num_workers=1",
+                                "train.num_workers=2", "train.images_per_worker=1", "train.max_iterations=3",
+                                "train.image_log_every=0"))
+    assert summary["metrics"]["iteration"] == 3
