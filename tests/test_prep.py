@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -203,3 +204,21 @@ def test_loader_leaves_out_truncated_shards_and_names_damaged_samples(prepared, 
     (copy / other).write_bytes(bytes(data))
     with pytest.raises(InputError, match=rf"{other} \[{ds.index.keys[k]}\]: damaged sample"):
         ds[(k, False)]
+
+
+def test_loader_random_access_into_s3_shards(prepared, s3_server, s3_bucket):
+    import boto3
+
+    from pipeline.loader import ShardDataset
+
+    out, manifest = prepared
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for path in out.iterdir():
+        if path.is_file():
+            s3.upload_file(str(path), s3_bucket, f"shards/{path.name}")
+    local = ShardDataset(str(out), "train", 160, 224)
+    remote = ShardDataset(f"s3://{s3_bucket}/shards", "train", 160, 224, endpoint_url=s3_server)
+    assert len(remote) == len(local) == 40 and remote.skipped == {}
+    for i in (0, 17, 39):
+        a, b = local[(i, True)], remote[(i, True)]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
