@@ -94,20 +94,26 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
         raise InputError(f"{cfg.data.shards}: split '{split}' has missing or truncated shards {ds.skipped}; "
                          f"evaluating without them would change the metric -- re-run `tsd prep`")
     stop = min(stop, len(ds))
-    keys, classes, scores, boxes = [], [], [], []
+    parts = []
     for lo in range(start, stop, batch_size):
         items = [ds[(i, False)] for i in range(lo, min(stop, lo + batch_size))]
         outs = _infer(model, [it["image"] for it in items], cfg, device)
         for it, out in zip(items, outs, strict=True):
             h, w = it["image"].shape[-2:]
-            n = len(out["scores"])
-            keys.extend([ds.index.keys[it["index"]]] * n)
-            classes.append(out["labels"].cpu().numpy())
-            scores.append(out["scores"].float().cpu().numpy())
-            boxes.append(out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32))
-    cat = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape)  # noqa: E731
-    return {"keys": keys, "classes": cat(classes, (0,)).astype(np.int64), "scores": cat(scores, (0,)),
-            "boxes": cat(boxes, (0, 4))}
+            parts.append({"keys": [ds.index.keys[it["index"]]] * len(out["scores"]),
+                          "classes": out["labels"].cpu().numpy(), "scores": out["scores"].float().cpu().numpy(),
+                          "boxes": out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)})
+    return merge_detections(parts)
+
+
+def merge_detections(parts: list[dict]) -> dict:
+    """One detections dict (keys, classes, scores, normalized boxes) from several, in order."""
+    return {
+        "keys": [k for p in parts for k in p["keys"]],
+        "classes": np.concatenate([p["classes"] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64),
+        "scores": np.concatenate([p["scores"] for p in parts]) if parts else np.zeros(0),
+        "boxes": np.concatenate([p["boxes"] for p in parts]).reshape(-1, 4) if parts else np.zeros((0, 4)),
+    }
 
 
 def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, address: str | None = None,
@@ -132,13 +138,7 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, address: s
         parts = gather_with_progress(refs, f"inference {split}", progress=progress)
     finally:
         shutdown_ray(started)
-    return {
-        "keys": [k for p in parts for k in p["keys"]],
-        "classes": np.concatenate([p["classes"] for p in parts]) if parts else np.zeros(0, np.int64),
-        "scores": np.concatenate([p["scores"] for p in parts]) if parts else np.zeros(0),
-        "boxes": np.concatenate([p["boxes"] for p in parts]) if parts else np.zeros((0, 4)),
-        "num_images": n,
-    }
+    return {**merge_detections(parts), "num_images": n}
 
 
 def write_predictions_csv(path: Path, detections: dict, mids: tuple[str, ...]) -> None:

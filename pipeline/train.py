@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_prep.errors import ConfigError, TsdError
@@ -300,7 +299,7 @@ def _evaluate_during_training(core, cfg: ExperimentConfig, rank: int, world: int
     import torch.distributed as dist
 
     from data_prep.storage import open_storage
-    from pipeline.evaluate import detect_range, score_detections, split_ground_truth
+    from pipeline.evaluate import detect_range, merge_detections, score_detections, split_ground_truth
     from pipeline.loader import ShardIndex
 
     split = cfg.train.eval_split
@@ -315,11 +314,7 @@ def _evaluate_during_training(core, cfg: ExperimentConfig, rank: int, world: int
         dist.all_gather_object(parts, part)
     if rank != 0:
         return {}
-    merged = {"keys": [k for p in parts for k in p["keys"]],
-              "classes": np.concatenate([p["classes"] for p in parts]),
-              "scores": np.concatenate([p["scores"] for p in parts]),
-              "boxes": np.concatenate([p["boxes"] for p in parts])}
-    result = score_detections(split_ground_truth(cfg, split), merged)
+    result = score_detections(split_ground_truth(cfg, split), merge_detections(parts))
     value = result.mean_ap()
     if writer is not None:
         writer.add_scalar(f"eval/{split}_mAP@0.5", value, iteration)
