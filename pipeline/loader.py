@@ -145,7 +145,14 @@ def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
     h = max(s["image"].shape[1] for s in samples)
     w = max(s["image"].shape[2] for s in samples)
     h, w = -(-h // size_divisible) * size_divisible, -(-w // size_divisible) * size_divisible
-    images = torch.empty((len(samples), 3, h, w), dtype=torch.uint8)
+    shape = (len(samples), 3, h, w)
+    if torch.utils.data.get_worker_info() is not None:
+        # in a DataLoader worker, build the batch in shared memory: handing it to the training
+        # process then copies nothing (what torch's default_collate does for its tensors)
+        storage = torch.UntypedStorage._new_shared(len(samples) * 3 * h * w)
+        images = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    else:
+        images = torch.empty(shape, dtype=torch.uint8)
     for k, s in enumerate(samples):
         ih, iw = s["image"].shape[1:]
         images[k, :, :ih, :iw] = s["image"]

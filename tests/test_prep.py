@@ -222,3 +222,18 @@ def test_loader_random_access_into_s3_shards(prepared, s3_server, s3_bucket):
     for i in (0, 17, 39):
         a, b = local[(i, True)], remote[(i, True)]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
+
+
+def test_dataloader_workers_build_batches_in_shared_memory(prepared):
+    from torch.utils.data import DataLoader
+
+    from pipeline.loader import ShardDataset, collate
+
+    out, _ = prepared
+    ds = ShardDataset(str(out), "train", 160, 224)
+    batches = [[(i, i % 3 == 0), (i + 1, False)] for i in range(0, 20, 2)]
+    loaded = list(DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=1))
+    assert len(loaded) == 10 and all(b["images"].is_shared() for b in loaded)
+    for batch, items in zip(loaded, batches, strict=True):
+        expected = collate([ds[item] for item in items])
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
