@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from data_prep.prep import run_prep, summary_lines
+from data_prep.prep import load_label_space, run_prep, summary_lines
 from data_prep.ray_runtime import init_ray, shutdown_ray
 from data_prep.synthetic import generate
 from pipeline.config import dump_config, load_config
@@ -85,13 +85,12 @@ def visualize_demo(cfg, checkpoint: str, images: Path, out: Path, report: str) -
     import torch
     from PIL import Image
 
-    from data_prep.labels import LabelSpace
     from pipeline.evaluate import load_model_for_inference
     from pipeline.visualize import draw_tsd, plot_ap_vs_iou, tsd_geometry
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_model_for_inference(cfg, checkpoint, torch.device("cpu"))
-    names = LabelSpace.from_csv_text((Path(cfg.data.root) / cfg.data.classes).read_text()).names
+    names = load_label_space(cfg.data)[0].names
     written = []
     for path in sorted(images.glob("*.jpg"))[:3]:
         image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)

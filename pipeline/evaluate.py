@@ -262,15 +262,9 @@ def _run_coco_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str, out
     return data
 
 
-def _list_images(images: str, endpoint_url: str | None) -> tuple[list[str], list[str]]:
-    storage = open_storage(images, endpoint_url)
-    names = sorted(o.name for o in storage.list() if o.name.lower().endswith((".jpg", ".jpeg", ".png")))
-    return [n.rsplit("/", 1)[-1].rsplit(".", 1)[0] for n in names], names
-
-
-def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, names: list[str],
+def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, files: list[tuple[str, str]],
                  max_det: int) -> list[tuple[str, str]]:
-    """One task: submission rows for the image files ``names``."""
+    """One task: submission rows for the ``(ImageID, object name)`` image files."""
     from PIL import Image
 
     from pipeline.config import from_dict
@@ -281,15 +275,14 @@ def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, 
     model = load_model_for_inference(cfg, checkpoint, device)
     storage = open_storage(images, cfg.data.s3_endpoint_url)
     rows = []
-    for name in names:
+    for image_id, name in files:
         with Image.open(io.BytesIO(storage.read_bytes(name))) as im:
             rgb = np.asarray(im.convert("RGB"))
         image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # the model resizes it
         h, w = image.shape[-2:]
         out = _infer(model, [image], cfg, device)[0]
         boxes = out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)
-        rows.append((name.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-                     prediction_string([mids[int(c)] for c in out["labels"].cpu()],
+        rows.append((image_id, prediction_string([mids[int(c)] for c in out["labels"].cpu()],
                                        out["scores"].float().cpu().numpy(), boxes, max_det)))
     return rows
 
@@ -299,31 +292,33 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
     """Detect on every image of a directory or S3 prefix and write a validated Kaggle submission."""
     import ray
 
-    from data_prep.labels import LabelSpace
+    from data_prep.prep import list_images, load_label_space
     from data_prep.ray_runtime import gather_with_progress, init_ray, shutdown_ray
-    from data_prep.storage import read_source
+    from data_prep.rejects import RejectLog
     from pipeline.submission import check_submission, write_submission
 
-    classes_uri = resolve(cfg.data.root, cfg.data.classes)
-    labels = LabelSpace.from_csv_text(read_source(classes_uri, cfg.data.s3_endpoint_url).decode("utf-8-sig"))
-    ids, names = _list_images(images if is_s3(images) else str(Path(images).resolve()), cfg.data.s3_endpoint_url)
-    if not ids:
+    labels, _ = load_label_space(cfg.data)
+    images = images if is_s3(images) else str(Path(images).resolve())
+    duplicates = RejectLog()
+    found = list_images(open_storage(images, cfg.data.s3_endpoint_url), duplicates)  # ImageID -> (name, size)
+    if not found:
         raise InputError(f"{images}: no images (.jpg, .jpeg, .png) found")
-    tasks = max(1, min(len(names), cfg.train.num_workers))
-    chunks = [c.tolist() for c in np.array_split(np.array(names, dtype=object), tasks) if len(c)]
+    files = sorted((image_id, name) for image_id, (name, _) in found.items())
+    tasks = max(1, min(len(files), cfg.train.num_workers))
+    chunks = [files[k::tasks] for k in range(tasks)]
     cfg_dict = to_dict(cfg)
     max_det = max_detections or cfg.model.test.max_detections
     started = init_ray(address)
     try:
         remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_infer_files)
-        refs = [remote.remote(cfg_dict, list(labels.mids), str(checkpoint), images if is_s3(images) else str(Path(images).resolve()),
-                              chunk, max_det) for chunk in chunks]
+        refs = [remote.remote(cfg_dict, list(labels.mids), str(checkpoint), images, chunk, max_det)
+                for chunk in chunks if chunk]
         rows = [row for part in gather_with_progress(refs, "submission", progress=progress) for row in part]
     finally:
         shutdown_ray(started)
-    write_submission(out, rows)
-    counts = check_submission(out, set(labels.mids), set(ids))
-    return counts
+    write_submission(out, sorted(rows))
+    counts = check_submission(out, set(labels.mids), set(found))
+    return {**counts, "duplicate_image_files": len(duplicates)}
 
 
 def checkpoint_iteration(checkpoint: str) -> int | None:

@@ -8,9 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.labels import LabelSpace
-from data_prep.prep import resolve
-from data_prep.storage import read_source
+from data_prep.prep import load_label_space
 from pipeline.config import load_config
 from pipeline.evaluate import load_model_for_inference
 from pipeline.visualize import draw_tsd, tsd_geometry
@@ -20,7 +18,7 @@ def visualize_images(config: str, overrides: list[str], checkpoint: str, images:
                      limit: int = 8) -> list[Path]:
     cfg = load_config(config, overrides)
     model = load_model_for_inference(cfg, checkpoint, torch.device("cpu"))
-    names = LabelSpace.from_csv_text(read_source(resolve(cfg.data.root, cfg.data.classes)).decode("utf-8-sig")).names
+    names = load_label_space(cfg.data)[0].names
     source = Path(images)
     files = [source] if source.is_file() else sorted(p for p in source.iterdir()
                                                     if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
