@@ -199,6 +199,13 @@ def _numbers(column: pa.Array, allow_empty: bool = False) -> tuple[np.ndarray, n
     return values, bad
 
 
+def rows_of(offsets: np.ndarray, code: int) -> slice:
+    """Rows of the image with ``code``; empty for images first seen in a later file."""
+    if code + 1 >= len(offsets):
+        return slice(0, 0)
+    return slice(int(offsets[code]), int(offsets[code + 1]))
+
+
 @dataclass
 class BoxTable:
     """All valid boxes of one file, grouped per image.
@@ -211,7 +218,7 @@ class BoxTable:
     label: np.ndarray  # int16 [N]
     boxes: np.ndarray  # float32 [N, 4], normalized x1, y1, x2, y2
     flags: dict[str, np.ndarray]  # BOX_FLAGS -> int8 [N]; -1 = unknown / column absent
-    line: np.ndarray  # int64 [N] physical line in the source file
+    line: np.ndarray  # int32 [N] physical line in the source file
     offsets: np.ndarray  # int64 [num_images + 1]
     rows_read: int = 0
 
@@ -219,10 +226,7 @@ class BoxTable:
         return len(self.label)
 
     def rows_of(self, code: int) -> slice:
-        """Rows of the image with ``code``; empty for images first seen in a later file."""
-        if code + 1 >= len(self.offsets):
-            return slice(0, 0)
-        return slice(int(self.offsets[code]), int(self.offsets[code + 1]))
+        return rows_of(self.offsets, code)
 
 
 @dataclass
@@ -236,10 +240,7 @@ class ImageLabelTable:
     rows_read: int = 0
 
     def rows_of(self, code: int) -> slice:
-        """Rows of the image with ``code``; empty for images first seen in a later file."""
-        if code + 1 >= len(self.offsets):
-            return slice(0, 0)
-        return slice(int(self.offsets[code]), int(self.offsets[code + 1]))
+        return rows_of(self.offsets, code)
 
 
 def pad_offsets(offsets: np.ndarray, num_images: int) -> np.ndarray:
