@@ -91,7 +91,8 @@ class RoIStage(nn.Module):
         """Raw head outputs for the RoIs ``proposals`` (concatenated over images in ``'boxes'``)."""
         boxes = torch.cat(proposals)
         image_size = _padded_size(image_sizes, features)
-        pooled = self.pool(features, proposals, image_size).to(features[FEATMAP_NAMES[0]].dtype)
+        levels = self.pool.levels_of(boxes, self.pool.scales(features, image_size))  # P, P-hat-c, P-hat-r alike
+        pooled = self.pool(features, proposals, image_size, levels=levels).to(features[FEATMAP_NAMES[0]].dtype)
         out: dict[str, Tensor] = {"boxes": boxes}
         if self.sibling is not None and (with_sibling or self.head_type == "sibling"):
             out["sibling_logits"], out["sibling_deltas"] = self.sibling(pooled)
@@ -104,8 +105,6 @@ class RoIStage(nn.Module):
             wh = box_wh(boxes).to(delta_c.dtype)
             offsets_c = self.tsd_cfg.gamma * delta_c * wh[:, None, None, :]  # per-bin pixels
             shift_r = self.tsd_cfg.gamma * delta_r * wh  # one translation per RoI
-            scales = self.deform_pool.scales(features, image_size)
-            levels = self.deform_pool.levels_of(boxes, scales)  # P-hat-c and P-hat-r pool at P's level
             feat_c = self.deform_pool(features, proposals, image_size, offsets_c, levels)
             feat_r = self.deform_pool(features, proposals, image_size,
                                       shift_r[:, None, None, :].expand(-1, k, k, 2), levels, translation_only=True)
