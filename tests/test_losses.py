@@ -65,3 +65,24 @@ def test_box_loss_uses_the_target_class_and_averages_over_all_rois():
     labels = torch.tensor([2, 0, 0, 0])
     # smooth-L1 with beta 1 of 1.0 = 0.5 per coordinate, 4 coordinates, / 4 RoIs
     assert box_regression_loss(deltas, targets, labels, beta=1.0).item() == pytest.approx(0.5)
+
+
+def test_box_coder_gives_torchvisions_numbers():
+    from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+
+    from tsd_model.boxes import box_coder
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(50, 2, generator=g) * 300
+    ref = torch.cat([ref, ref + torch.rand(50, 2, generator=g) * 200 + 1], dim=1)
+    gt = ref + torch.randn(50, 4, generator=g) * 10
+    gt[:, 2:] = torch.maximum(gt[:, 2:], gt[:, :2] + 1)
+    stds = [0.1, 0.1, 0.2, 0.2]
+    ours, theirs = box_coder(stds), TorchvisionBoxCoder(tuple(1 / s for s in stds), math.log(1000 / 16))
+    torch.testing.assert_close(ours.encode_single(gt, ref), theirs.encode_single(gt, ref))
+    deltas = torch.randn(50, 4, generator=g)
+    deltas[0, 2] = 20.0  # clamped
+    torch.testing.assert_close(ours.decode_single(deltas, ref), theirs.decode_single(deltas, ref))
+    per_class = torch.randn(50, 3, 4, generator=g)  # [R, K, 4] against [R, 1, 4]
+    torch.testing.assert_close(ours.decode_single(per_class, ref[:, None, :]),
+                               theirs.decode_single(per_class.reshape(50, 12), ref).view(50, 3, 4))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from tsd_model.ops import MultiScaleDeformRoIPool, deform_roi_pool, fpn_levels
+from tsd_model.ops import MultiScaleDeformRoIPool, deform_roi_pool, fpn_levels, rois_of
 
 
 def _rois(n: int, dtype=torch.float32, seed: int = 0, size: float = 100.0) -> torch.Tensor:
@@ -60,18 +60,33 @@ def test_per_bin_offsets_move_only_their_bin():
     assert changed[2, 5] and changed.sum() == 1
 
 
-def test_multilevel_pool_zero_offsets_equal_the_roi_align_path():
+def test_boxes_reaching_outside_the_map_follow_roi_align():
+    # roi_align clamps samples up to one pixel outside the map and zeroes those further out
+    features = torch.randn(2, 3, 10, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    rois = torch.tensor([[0, -30.0, -20, 20, 25], [1, 30, 10, 70, 60], [0, -12, 35, 60, 39.5],
+                         [1, 47, 39, 58, 44]], dtype=torch.float64)
+    expected = roi_align(features, rois, 7, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    torch.testing.assert_close(deform_roi_pool(features, rois, None, 7, 0.25, 2), expected, atol=1e-12, rtol=0)
+
+
+def test_multilevel_pool_equals_roi_align_at_each_boxs_level():
     g = torch.Generator().manual_seed(0)
     sizes = {"0": 64, "1": 32, "2": 16, "3": 8}
     features = {k: torch.randn(2, 4, s, s, generator=g) for k, s in sizes.items()}
     boxes = [torch.tensor([[4.0, 4, 30, 40], [10, 20, 200, 250]]), torch.tensor([[50.0, 60, 160, 130]])]
-    image_size = (256, 256)
     pool = MultiScaleDeformRoIPool(list(sizes), 7, 2)
-    plain = pool(features, boxes, image_size)  # torchvision's roi_align(aligned=True) per level
-    zero = pool(features, boxes, image_size, offsets=torch.zeros(3, 7, 7, 2))  # the grid_sample path
-    torch.testing.assert_close(zero, plain, atol=1e-4, rtol=0)
+    table = pool.table(features, (256, 256))
+    rois = rois_of(boxes)
+    levels = table.levels_of(rois[:, 1:])
+    plain = pool(table, rois, levels)
+    zero = pool(table, rois, levels, offsets=torch.zeros(3, 7, 7, 2))
+    torch.testing.assert_close(zero, plain)
+    for i, level in enumerate(levels.tolist()):
+        expected = roi_align(features[str(level)], rois[i : i + 1], 7, 0.25 / 2**level, 2, aligned=True)
+        torch.testing.assert_close(plain[i : i + 1], expected, atol=1e-5, rtol=0)
     level_ref = MultiScaleRoIAlign(list(sizes), 7, 2)  # same level assignment as torchvision's pooler
     assert level_ref.featmap_names == pool.featmap_names
+    assert levels.tolist() == [0, 1, 0]  # two levels in use
     sides = torch.tensor([8.0, 56, 111, 112, 224, 448, 2000])
     levels = fpn_levels(torch.stack([torch.zeros(7), torch.zeros(7), sides, sides], dim=1), 2, 5)
     assert levels.tolist() == [0, 0, 0, 1, 2, 3, 3]  # FPN eq. 1: 224 px -> P4, clamped to P2-P5
@@ -86,14 +101,16 @@ def test_autocast_keeps_the_sampling_in_float32():
     assert out.dtype == torch.float32
 
 
-def test_translation_fast_path_at_inference_equals_the_grid_path():
-    g = torch.Generator().manual_seed(0)
-    features = {k: torch.randn(1, 4, s, s, generator=g) for k, s in {"0": 64, "1": 32, "2": 16, "3": 8}.items()}
-    boxes = [torch.tensor([[4.0, 4, 30, 40], [10, 20, 200, 250], [50, 60, 160, 130]])]
-    shift = torch.tensor([[3.0, -2.0], [10.0, 7.5], [-4.0, 1.0]])[:, None, None, :].expand(-1, 7, 7, 2)
-    pool = MultiScaleDeformRoIPool(["0", "1", "2", "3"], 7, 2)
-    with_grad = pool(features, boxes, (256, 256), shift, translation_only=True)  # grad on: grid path
-    with torch.no_grad():
-        fast = pool(features, boxes, (256, 256), shift, translation_only=True)  # roi_align on moved boxes
-    torch.testing.assert_close(fast, with_grad.detach(), atol=1e-4, rtol=0)
-
+def test_several_offset_sets_in_one_pass_equal_separate_passes():
+    g = torch.Generator().manual_seed(5)
+    features = {k: torch.randn(2, 4, s, s, generator=g) for k, s in {"0": 64, "1": 32, "2": 16, "3": 8}.items()}
+    pool = MultiScaleDeformRoIPool(list(features), 7, 2)
+    table = pool.table(features, (256, 256))
+    rois = rois_of([torch.tensor([[4.0, 4, 30, 40], [10, 20, 200, 250]]), torch.tensor([[50.0, 60, 160, 130]])])
+    levels = table.levels_of(rois[:, 1:])
+    offsets = torch.randn(2, 3, 7, 7, 2, generator=g) * 5
+    both = pool(table, rois, levels, offsets)
+    assert both.shape == (2, 3, 4, 7, 7)
+    for v in range(2):
+        torch.testing.assert_close(both[v], pool(table, rois, levels, offsets[v]))
+    assert pool(table, rois[:0], levels[:0], offsets[:, :0]).shape == (2, 0, 4, 7, 7)

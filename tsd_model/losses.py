@@ -38,14 +38,16 @@ def classification_loss(logits: Tensor, labels: Tensor, weights: Tensor | None =
 
 
 def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: float,
-                        weights: Tensor | None = None) -> Tensor:
+                        weights: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
     """Smooth-L1 on the deltas of each positive RoI's own class, normalised by all sampled RoIs.
 
     ``deltas`` is ``[R, num_classes + 1, 4]`` (class-specific) or ``[R, 1, 4]`` (class-agnostic);
     the normalisation by the number of sampled RoIs (not positives) follows mmdetection, the TSD
-    authors' base. ``weights`` are the sampled RoIs' weights (see ``per_image_weights``).
+    authors' base. ``weights`` are the sampled RoIs' weights (see ``per_image_weights``); ``pos``,
+    the indices of the positives, when the caller has them already.
     """
-    pos = torch.nonzero(labels > 0).flatten()
+    if pos is None:
+        pos = torch.nonzero(labels > 0).flatten()
     if pos.numel() == 0:
         return deltas.sum() * 0.0
     cls = labels[pos] if deltas.shape[1] > 1 else torch.zeros_like(labels[pos])
@@ -63,8 +65,8 @@ def pc_cls_loss(logits_tsd: Tensor, logits_sibling: Tensor, labels: Tensor, marg
     p is the softmax probability of the RoI's target class y (background for negatives); the
     sibling side is detached: the constraint pushes TSD above the sibling, never the reverse.
     """
-    p_tsd = F.softmax(logits_tsd.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
-    p_sib = F.softmax(logits_sibling.detach().float(), dim=1).gather(1, labels[:, None]).squeeze(1)
+    logits = torch.stack([logits_tsd.float(), logits_sibling.detach().float()])  # both in one softmax
+    p_tsd, p_sib = F.softmax(logits, dim=2).gather(2, labels[None, :, None].expand(2, -1, 1))[..., 0].unbind(0)
     m = torch.clamp(1.0 - p_sib, max=margin)
     return _reduce(F.relu(p_sib + m - p_tsd), weights)
 
@@ -78,7 +80,7 @@ def pc_loc_loss(boxes_tsd: Tensor, boxes_sibling: Tensor, gt_boxes: Tensor, marg
     """
     if boxes_tsd.numel() == 0:
         return boxes_tsd.sum() * 0.0
-    iou_sib = paired_iou(boxes_sibling.detach().float(), gt_boxes.float())
-    iou_tsd = paired_iou(boxes_tsd.float(), gt_boxes.float())
+    iou_sib, iou_tsd = paired_iou(torch.stack([boxes_sibling.detach().float(), boxes_tsd.float()]),
+                                  gt_boxes.float()).unbind(0)
     m = torch.clamp(1.0 - iou_sib, max=margin)
     return _reduce(F.relu(iou_sib + m - iou_tsd), weights)

@@ -1,84 +1,133 @@
-"""Deformable RoI pooling in pure PyTorch: the pooling behind TSD's P-hat-c and P-hat-r.
+"""Deformable RoI pooling in pure PyTorch: the pooling behind P, TSD's P-hat-c and P-hat-r.
 
 Each of the k x k bins of a RoI is shifted by its own offset (in input-image pixels) and sampled
-bilinearly at a fixed s x s grid of points, which are averaged. Everything is one
-``grid_sample`` call per image and FPN level (no Python loop over RoIs), differentiable with
-respect to the features and the offsets, on CPU and CUDA alike. With zero offsets it reproduces
-``torchvision.ops.roi_align(aligned=True, sampling_ratio=s)``: sample j of a bin lies at
-``x1 * scale - 0.5 + (j + 0.5) / s * bin_w``, and ``padding_mode="border"`` matches roi_align's
-clamping of samples up to one pixel outside the map (they differ only for samples pushed
-further out, which roi_align zeroes).
+bilinearly at a fixed s x s grid of points, which are averaged. The sampling follows
+``torchvision.ops.roi_align(aligned=True, sampling_ratio=s)`` exactly (sample j of a bin at
+``x1 * scale - 0.5 + (j + 0.5) / s * bin_w``; samples more than one pixel outside the map count
+as zero, those within it are clamped to the border), so that with zero offsets both agree.
+
+How: every FPN level of every image is laid out as the rows of one channels-last ``[rows, C]``
+matrix (``FeatureTable``); each output bin is then a weighted sum of ``4 s^2`` rows (the corners
+of its bilinear samples, weights = bilinear weight / s^2), which is exactly what
+``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes in one compiled kernel, on CPU
+and CUDA, for all RoIs, levels and images at once: no Python loop, no host-device sync, and its
+backward gives the features their gradient and, through the weights, the offsets theirs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+
+
+@dataclass
+class FeatureTable:
+    """The feature maps of every FPN level and image as rows of one ``[rows, C]`` matrix.
+
+    Row ``base[l] + (b * H_l + y) * W_l + x`` holds pixel ``(y, x)`` of image ``b`` at level ``l``.
+    Built once per RoI-head run and shared by every pooling of that run (P, P-hat-c, P-hat-r).
+    """
+
+    rows: Tensor  # [sum_l N * H_l * W_l, C], float32 (float64 for float64 maps)
+    base: Tensor  # [L] first row of each level
+    heights: Tensor  # [L]
+    widths: Tensor  # [L]
+    scales: Tensor  # [L] feature-map pixels per input pixel (1 / stride)
+    k_min: int  # log2 of the stride of level 0 (2 for P2)
+
+    @classmethod
+    def build(cls, maps: list[Tensor], scales: list[float]) -> FeatureTable:
+        """``maps``: ``[N, C, H_l, W_l]`` per level, finest first; ``scales``: their 1/stride."""
+        dtype = torch.promote_types(maps[0].dtype, torch.float32)
+        device = maps[0].device
+        channels = maps[0].shape[1]
+        bases = [0]
+        for m in maps:
+            bases.append(bases[-1] + m.shape[0] * m.shape[2] * m.shape[3])
+        rows = maps[0].new_empty((bases[-1], channels), dtype=dtype)
+        for m, start, end in zip(maps, bases, bases[1:], strict=False):  # one copy each, with the cast
+            rows[start:end].view(m.shape[0], m.shape[2], m.shape[3], channels).copy_(m.permute(0, 2, 3, 1))
+        bases.pop()
+        sizes = torch.tensor([bases, [m.shape[2] for m in maps], [m.shape[3] for m in maps]], device=device)
+        return cls(rows, sizes[0], sizes[1], sizes[2], torch.tensor(scales, dtype=dtype, device=device),
+                   int(round(-math.log2(scales[0]))))
+
+    def levels_of(self, boxes: Tensor) -> Tensor:
+        """The level (0 = finest) at which each ``[K, 4]`` box is pooled (FPN eq. 1)."""
+        return fpn_levels(boxes, self.k_min, self.k_min + len(self.scales) - 1)
+
+
+def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tensor | None, output_size: int,
+               sampling_ratio: int = 2) -> Tensor:
+    """Pool ``[K, C, k, k]`` features of RoIs whose bins are shifted by ``offsets``.
+
+    Args:
+        table: the feature maps (``FeatureTable.build``).
+        rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image pixels.
+        levels: ``[K]`` level index of each RoI in ``table``.
+        offsets: ``[K, k, k, 2]`` per-bin ``(dx, dy)`` in input-image pixels, or None (plain RoIAlign),
+            or ``[V, K, k, k, 2]``: V sets of offsets for the same RoIs, pooled in one pass.
+        output_size: k.
+        sampling_ratio: s >= 1; each bin averages s x s bilinear samples.
+    Returns:
+        ``[K, C, k, k]`` (``[V, K, C, k, k]`` for V offset sets) in the table's dtype (float32 also under autocast: the sampling math never
+        runs in half precision).
+    """
+    k, s = output_size, sampling_ratio
+    if s < 1:
+        raise ValueError(f"sampling_ratio must be >= 1 (got {s})")
+    dtype = table.rows.dtype
+    num, channels = rois.shape[0], table.rows.shape[1]
+    lead = offsets.shape[:-4] if offsets is not None else ()  # () or (V,)
+    if num == 0:
+        return table.rows.new_zeros((*lead, 0, channels, k, k))
+    rois = rois.to(dtype)
+    scale = table.scales[levels, None]  # [K, 1]
+    size = torch.stack([table.widths[levels], table.heights[levels]], dim=1)  # [K, 2] as (x, y)
+    first_row = table.base[levels] + rois[:, 0].long() * size[:, 0] * size[:, 1]
+    # x and y are handled together in a last dim of 2. A sample's x depends on its bin and its
+    # column in the bin, never on its row (and y the other way round): [K, k, k, s, 2]
+    t = ((torch.arange(k * s, device=rois.device, dtype=dtype) + 0.5) / s).view(k, s)  # bin units
+    start = rois[:, 1:3] * scale - 0.5  # [K, 2]
+    bin_size = (rois[:, 3:5] - rois[:, 1:3]) * (scale / k)
+    along = start[:, None, :] + t.reshape(-1, 1) * bin_size[:, None, :]  # [K, k*s, 2]
+    along = along.view(num, k, s, 2)
+    coord = torch.stack([along[:, None, :, :, 0].expand(num, k, k, s),  # x: from the bin's column
+                         along[:, :, None, :, 1].expand(num, k, k, s)], dim=-1)  # y: from its row
+    if offsets is not None:
+        coord = coord + (offsets.to(dtype) * scale[:, :, None, None])[..., None, :]  # [V?, K, k, k, s, 2]
+    limit = size.view(num, 1, 1, 1, 2)
+    last = (limit - 1).to(dtype)
+    inside = ((coord >= -1) & (coord <= limit)).to(dtype)  # roi_align: further out counts as zero
+    coord = coord.clamp(min=0)
+    low = torch.minimum(coord.detach().floor(), last)
+    coord = torch.where(low >= last, low, coord)  # on the last row / column: no interpolation
+    frac = coord - low
+    low_i = low.long()
+    near = torch.stack([low_i, torch.minimum(low_i + 1, limit - 1)], dim=-1)  # [K, k, k, s, 2 (x/y), 2]
+    weight = torch.stack([(1 - frac) * inside, frac * inside], dim=-1)
+    # the 4 s^2 (row, weight) pairs of each bin: [V?, K, k, k, s (y), s (x), 2 (y corner), 2 (x corner)]
+    row_y = (near[..., 1, :] * limit[..., 0, None])[..., :, None, :, None]
+    row_x = near[..., 0, :][..., None, :, None, :]
+    index = first_row.view(num, 1, 1, 1, 1, 1, 1) + row_y + row_x
+    weight = weight[..., 1, :][..., :, None, :, None] * (weight[..., 0, :] / (s * s))[..., None, :, None, :]
+    pooled = F.embedding_bag(index.reshape(-1, 4 * s * s), table.rows, mode="sum",
+                             per_sample_weights=weight.reshape(-1, 4 * s * s))
+    dims = len(lead)  # [V?, K, k, k, C] -> [V?, K, C, k, k]
+    order = (*range(dims), dims, dims + 3, dims + 1, dims + 2)
+    return pooled.view(*lead, num, k, k, channels).permute(order).contiguous()
 
 
 def deform_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None, output_size: int,
                     spatial_scale: float, sampling_ratio: int = 2) -> Tensor:
-    """Pool ``[K, C, k, k]`` features of RoIs whose bins are shifted by ``offsets``.
-
-    Args:
-        features: ``[N, C, H, W]`` feature map.
-        rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image pixels.
-        offsets: ``[K, k, k, 2]`` per-bin ``(dx, dy)`` in input-image pixels, or None (plain RoIAlign).
-        output_size: k.
-        spatial_scale: feature-map pixels per input pixel (1/stride).
-        sampling_ratio: s; each bin averages s x s bilinear samples.
-    Returns:
-        ``[K, C, k, k]`` in float32, or float64 for float64 features (the sampling math never runs
-        in half precision, also under autocast).
-    """
-    dtype = torch.promote_types(features.dtype, torch.float32)
-    k, s = output_size, sampling_ratio
-    n_img, channels, height, width = features.shape
-    num = rois.shape[0]
-    if num == 0:
-        return features.new_zeros((0, channels, k, k), dtype=dtype)
-    rois = rois.to(dtype)
-    t = (torch.arange(k * s, device=rois.device, dtype=dtype) + 0.5) / s  # [ks] bin units
-    x1 = rois[:, 1] * spatial_scale - 0.5  # [K]
-    y1 = rois[:, 2] * spatial_scale - 0.5
-    bin_w = (rois[:, 3] - rois[:, 1]) * spatial_scale / k
-    bin_h = (rois[:, 4] - rois[:, 2]) * spatial_scale / k
-    xs = (x1[:, None] + t[None, :] * bin_w[:, None])[:, None, :].expand(num, k * s, k * s)  # [K, ks(y), ks(x)]
-    ys = (y1[:, None] + t[None, :] * bin_h[:, None])[:, :, None].expand(num, k * s, k * s)
-    if offsets is not None:
-        off = offsets.to(dtype) * spatial_scale  # [K, k, k, 2]
-        off = off.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)  # [K, ks, ks, 2]
-        xs = xs + off[..., 0]
-        ys = ys + off[..., 1]
-    grid = torch.stack([(2 * xs + 1) / width - 1, (2 * ys + 1) / height - 1], dim=-1)  # [K, ks, ks, 2]
-    # channels-last: each bilinear sample then reads the C values of a pixel from one place
-    feats = features.to(dtype).contiguous(memory_format=torch.channels_last)
-    out = feats.new_empty((num, channels, k, k))
-    batch_index = rois[:, 0].long()
-    for b in range(n_img):
-        idx = torch.nonzero(batch_index == b).flatten()
-        if idx.numel() == 0:
-            continue
-        g = grid[idx].reshape(1, idx.numel() * k * s, k * s, 2)
-        sampled = F.grid_sample(feats[b : b + 1], g, mode="bilinear", padding_mode="border", align_corners=False)
-        if s > 1:  # average the s x s samples of each bin before anything is copied ([1, C, n*k, k])
-            sampled = F.avg_pool2d(sampled, kernel_size=s, stride=s)
-        pooled = sampled.view(channels, idx.numel(), k, k).transpose(0, 1)  # [n, C, k, k]
-        if idx.numel() == num:
-            return pooled.contiguous()
-        out[idx] = pooled
-    return out
-
-
-def _pool_translated(features: Tensor, rois: Tensor, shift: Tensor, k: int, scale: float, s: int) -> Tensor:
-    """RoIAlign of the RoIs moved by ``shift`` (``[K, 2]`` pixels): deformable pooling with one offset."""
-    moved = rois.to(features.dtype).clone()
-    moved[:, 1:] += shift.to(features.dtype).repeat(1, 2)
-    return roi_align(features, moved, k, scale, s, aligned=True)
+    """Deformable RoI pooling on one feature map ``[N, C, H, W]`` (see ``pool_table``)."""
+    table = FeatureTable.build([features], [spatial_scale])
+    levels = torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
+    return pool_table(table, rois, levels, offsets, output_size, sampling_ratio)
 
 
 def fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224.0,
@@ -97,10 +146,9 @@ class MultiScaleDeformRoIPool(nn.Module):
     """Deformable RoI pooling over FPN levels, the level chosen from the proposal's own size.
 
     Like ``torchvision.ops.MultiScaleRoIAlign`` (which it replaces for P, with ``aligned=True``
-    sampling so that P, P-hat-c and P-hat-r share one sampling grid): it infers each level's scale
-    from the feature and image sizes on its call. Without offsets it runs torchvision's compiled
-    ``roi_align``. ``levels`` lets a derived box (P-hat-c, P-hat-r) be pooled at the level of the
-    proposal it came from.
+    sampling so that P, P-hat-c and P-hat-r share one sampling grid): ``table`` infers each level's
+    scale from the feature and image sizes. The caller passes the levels, so that a derived box
+    (P-hat-c, P-hat-r) is pooled at the level of the proposal it came from.
     """
 
     def __init__(self, featmap_names: list[str], output_size: int = 7, sampling_ratio: int = 2) -> None:
@@ -109,45 +157,16 @@ class MultiScaleDeformRoIPool(nn.Module):
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
 
-    def scales(self, features: dict[str, Tensor], image_size: tuple[int, int]) -> list[float]:
-        out = []
-        for name in self.featmap_names:
-            ratio = features[name].shape[-2] / image_size[0]
-            out.append(2.0 ** round(math.log2(ratio)))
-        return out
+    def table(self, features: dict[str, Tensor], image_size: tuple[int, int]) -> FeatureTable:
+        maps = [features[name] for name in self.featmap_names]
+        scales = [2.0 ** round(math.log2(m.shape[-2] / image_size[0])) for m in maps]
+        return FeatureTable.build(maps, scales)
 
-    def levels_of(self, boxes: Tensor, scales: list[float]) -> Tensor:
-        k_min = int(-math.log2(scales[0]))
-        k_max = int(-math.log2(scales[-1]))
-        return fpn_levels(boxes, k_min, k_max)
+    def forward(self, table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tensor | None = None) -> Tensor:
+        """``rois``: ``[K, 5]`` (batch index, box); ``offsets``: ``[K, k, k, 2]``; returns ``[K, C, k, k]``."""
+        return pool_table(table, rois, levels, offsets, self.output_size, self.sampling_ratio)
 
-    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_size: tuple[int, int],
-                offsets: Tensor | None = None, levels: Tensor | None = None, translation_only: bool = False) -> Tensor:
-        """``boxes``: per-image ``[n_i, 4]``; ``offsets``: ``[sum n_i, k, k, 2]``; returns ``[sum n_i, C, k, k]``.
 
-        ``translation_only`` promises that every bin of a RoI has the same offset (TSD's P-hat-r).
-        """
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
-        scales = self.scales(features, image_size)
-        if levels is None:
-            levels = self.levels_of(rois[:, 1:], scales)
-        first = features[self.featmap_names[0]]
-        # every RoI gets a level (they are clamped), so every row of ``out`` is written
-        out = first.new_empty((rois.shape[0], first.shape[1], self.output_size, self.output_size),
-                              dtype=torch.promote_types(first.dtype, torch.float32))
-        for level, (name, scale) in enumerate(zip(self.featmap_names, scales, strict=True)):
-            idx = torch.nonzero(levels == level).flatten()
-            if idx.numel() == 0:
-                continue
-            if offsets is None:  # plain RoIAlign: torchvision's compiled kernel, same sampling grid
-                out[idx] = roi_align(features[name], rois[idx].to(features[name].dtype), self.output_size, scale,
-                                     self.sampling_ratio, aligned=True).to(out.dtype)
-            elif translation_only and not torch.is_grad_enabled():
-                # one shift for the whole grid = pooling the translated box; roi_align gives no gradient
-                # to the shift, so it serves inference only
-                out[idx] = _pool_translated(features[name], rois[idx], offsets[idx, 0, 0], self.output_size, scale,
-                                            self.sampling_ratio).to(out.dtype)
-            else:
-                out[idx] = deform_roi_pool(features[name], rois[idx], offsets[idx], self.output_size, scale,
-                                           self.sampling_ratio)
-        return out
+def rois_of(boxes: list[Tensor]) -> Tensor:
+    """``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` from per-image ``[n_i, 4]`` boxes."""
+    return torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])

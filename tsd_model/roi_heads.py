@@ -26,7 +26,7 @@ from tsd_model import losses as L
 from tsd_model.boxes import box_coder, box_wh, translate
 from tsd_model.config import ModelConfig
 from tsd_model.heads import DoubleHead, SiblingHead, TSDHead
-from tsd_model.ops import MultiScaleDeformRoIPool
+from tsd_model.ops import MultiScaleDeformRoIPool, rois_of
 from tsd_model.postprocess import postprocess_detections
 
 FEATMAP_NAMES = ["0", "1", "2", "3"]
@@ -90,9 +90,10 @@ class RoIStage(nn.Module):
             with_sibling: bool) -> dict[str, Tensor]:
         """Raw head outputs for the RoIs ``proposals`` (concatenated over images in ``'boxes'``)."""
         boxes = torch.cat(proposals)
-        image_size = _padded_size(image_sizes, features)
-        levels = self.pool.levels_of(boxes, self.pool.scales(features, image_size))  # P, P-hat-c, P-hat-r alike
-        pooled = self.pool(features, proposals, image_size, levels=levels).to(features[FEATMAP_NAMES[0]].dtype)
+        rois = rois_of(proposals)
+        table = self.pool.table(features, _padded_size(image_sizes, features))  # shared by P, P-hat-c, P-hat-r
+        levels = table.levels_of(boxes)  # P-hat-c and P-hat-r are pooled at the level of their P
+        pooled = self.pool(table, rois, levels).to(features[FEATMAP_NAMES[0]].dtype)
         out: dict[str, Tensor] = {"boxes": boxes}
         if self.sibling is not None and (with_sibling or self.head_type == "sibling"):
             out["sibling_logits"], out["sibling_deltas"] = self.sibling(pooled)
@@ -105,9 +106,9 @@ class RoIStage(nn.Module):
             wh = box_wh(boxes).to(delta_c.dtype)
             offsets_c = self.tsd_cfg.gamma * delta_c * wh[:, None, None, :]  # per-bin pixels
             shift_r = self.tsd_cfg.gamma * delta_r * wh  # one translation per RoI
-            feat_c = self.deform_pool(features, proposals, image_size, offsets_c, levels)
-            feat_r = self.deform_pool(features, proposals, image_size,
-                                      shift_r[:, None, None, :].expand(-1, k, k, 2), levels, translation_only=True)
+            # P-hat-c and P-hat-r (a translation = the same offset in every bin) in one pass
+            feat_c, feat_r = self.deform_pool(
+                table, rois, levels, torch.stack([offsets_c, shift_r[:, None, None, :].expand(-1, k, k, 2)])).unbind(0)
             out["logits"] = self.tsd.branches.classify(feat_c.to(pooled.dtype))
             out["deltas"] = self.tsd.branches.regress(feat_r.to(pooled.dtype))
             out["reg_boxes"] = translate(boxes, shift_r.to(boxes.dtype))  # P-hat-r
@@ -121,11 +122,13 @@ class RoIStage(nn.Module):
         """Named losses; each is a mean over the images of per-image means (``counts``: RoIs per image)."""
         boxes = out["boxes"]
         w = L.per_image_weights(counts).to(boxes.device)
+        pos = torch.nonzero(labels > 0).flatten()  # once: each nonzero waits for the device
         losses: dict[str, Tensor] = {}
         if "sibling_logits" in out:
             targets = self.coder.encode_single(gt_boxes, boxes)
             losses["loss_sibling_cls"] = L.classification_loss(out["sibling_logits"], labels, w)
-            losses["loss_sibling_box"] = L.box_regression_loss(out["sibling_deltas"], targets, labels, self.beta, w)
+            losses["loss_sibling_box"] = L.box_regression_loss(out["sibling_deltas"], targets, labels, self.beta, w,
+                                                               pos)
         if self.head_type == "sibling":
             return {k + self.suffix: v for k, v in losses.items()}
         name = self.head_type
@@ -134,17 +137,17 @@ class RoIStage(nn.Module):
             reg_boxes = reg_boxes.detach()
         targets = self.coder.encode_single(gt_boxes, reg_boxes)
         losses[f"loss_{name}_cls"] = L.classification_loss(out["logits"], labels, w)
-        losses[f"loss_{name}_box"] = L.box_regression_loss(out["deltas"], targets, labels, self.beta, w)
+        losses[f"loss_{name}_box"] = L.box_regression_loss(out["deltas"], targets, labels, self.beta, w, pos)
         if self.tsd is not None and "sibling_logits" in out:
             if self.tsd_cfg.pc_cls:
                 losses["loss_pc_cls"] = L.pc_cls_loss(out["logits"], out["sibling_logits"], labels,
                                                       self.tsd_cfg.margin_cls, w)
             if self.tsd_cfg.pc_loc:
-                pos = torch.nonzero(labels > 0).flatten()
                 w_pos = L.per_image_weights(counts, labels > 0)[pos]
                 cls = labels[pos] if out["deltas"].shape[1] > 1 else torch.zeros_like(labels[pos])
-                boxes_tsd = self.coder.decode_single(out["deltas"][pos, cls].float(), out["reg_boxes"][pos].float())
-                boxes_sib = self.coder.decode_single(out["sibling_deltas"][pos, cls].float(), boxes[pos].float())
+                boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
+                    torch.stack([out["deltas"][pos, cls], out["sibling_deltas"][pos, cls]]).float(),
+                    torch.stack([out["reg_boxes"][pos], boxes[pos]]).float()).unbind(0)
                 losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_boxes[pos], self.tsd_cfg.margin_loc,
                                                       w_pos)
         return {k + self.suffix: v for k, v in losses.items()}
@@ -152,9 +155,8 @@ class RoIStage(nn.Module):
     def decode(self, out: dict[str, Tensor]) -> Tensor:
         """``[R, K, 4]`` boxes of every class (K = 1 when class-agnostic), decoded against their RoI."""
         deltas = out["deltas"].float()
-        r, kk = deltas.shape[:2]
         ref = out["reg_boxes"].float()
-        return self.coder.decode_single(deltas.reshape(r * kk, 4), ref.repeat_interleave(kk, 0)).view(r, kk, 4)
+        return self.coder.decode_single(deltas, ref[:, None, :])
 
     def refine(self, out: dict[str, Tensor], labels: Tensor | None) -> Tensor:
         """The next cascade stage's proposals (no gradient): each RoI's box for ``labels`` (train) or
