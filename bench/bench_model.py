@@ -4,7 +4,7 @@ Same process, same input, contenders alternated, best of N (so background noise 
   - pooling: ``deform_roi_pool`` (random offsets) vs ``torchvision.ops.roi_align`` (aligned, same
     sampling ratio), 512 RoIs on a P2-sized map (256 x 200 x 304), forward + backward;
   - inference: one 800 x 1216 image through R50-FPN Faster R-CNN with the TSD head vs the sibling
-    head (COCO, 81 outputs), eval mode;
+    head (COCO, 81 outputs), eval mode, and torchvision's own fasterrcnn_resnet50_fpn for reference;
   - training step: forward + backward of the same image with 2 gt boxes.
 Runs on CUDA too (``--device cuda``, with ``--amp`` for fp16 autocast). Writes bench/out/model.json.
 
@@ -87,6 +87,12 @@ def bench_detector(device: str, repeats: int, amp: bool) -> dict:
         cfg.roi.head = head
         torch.manual_seed(0)
         models[head] = build_model(cfg).to(device)
+    # the reference the sibling head is checked against: torchvision's own Faster R-CNN (same
+    # parameter count, its MultiScaleRoIAlign), random weights, nothing downloaded
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    models["torchvision"] = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81).to(device)
     image = [torch.rand(3, 800, 1216, device=device)]
     target = [{"boxes": torch.tensor([[100.0, 120, 400, 500], [600, 200, 900, 700]], device=device),
                "labels": torch.tensor([1, 7], device=device)}]
@@ -112,8 +118,10 @@ def bench_detector(device: str, repeats: int, amp: bool) -> dict:
     return {
         "inference_ms": {k: round(v * 1000, 1) for k, v in t_inf.items()},
         "inference_ratio_tsd_vs_sibling": round(t_inf["tsd"] / t_inf["sibling"], 3),
+        "inference_ratio_tsd_vs_torchvision": round(t_inf["tsd"] / t_inf["torchvision"], 3),
         "train_step_ms": {k: round(v * 1000, 1) for k, v in t_train.items()},
         "train_step_ratio_tsd_vs_sibling": round(t_train["tsd"] / t_train["sibling"], 3),
+        "train_step_ratio_tsd_vs_torchvision": round(t_train["tsd"] / t_train["torchvision"], 3),
     }
 
 

@@ -289,7 +289,8 @@ def _run_tasks(
     return [results[i] for i in sorted(results)]
 
 
-def _write_index(out: Storage, split: str, results: list[ShardResult]) -> int:
+def write_index(out: Storage, split: str, results: list[ShardResult]) -> int:
+    """The per-sample Parquet index of a split from its shard results (what the loader reads)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -384,7 +385,7 @@ def run_prep(
             t0 = time.perf_counter()
             plan = plan_split(data, prep, split, labels)
             results = _run_tasks(plan, out, settings, up, prep, progress)
-            written = _write_index(out, split, results)
+            written = write_index(out, split, results)
             for r in results:
                 plan.log.extend([Reject(**d) for d in r.rejects])
             changes: dict[str, int] = {}

@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +59,59 @@ def _all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return values
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did.
+
+    ``finite`` is False when the loss, or (without a GradScaler) a gradient, was not finite: such
+    steps are skipped and count towards ``max_nonfinite_in_row``. ``applied`` is False for every
+    skipped step, also the fp16 overflow steps that the GradScaler skips by design.
+    """
+
+    finite: bool
+    losses: dict[str, torch.Tensor]
+    grad_norm: float
+    applied: bool = False
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], grad_accumulation: int = 1,
+               amp_dtype: torch.dtype | None = None, grad_clip_norm: float | None = None) -> StepResult:
+    """One optimizer step over a batch in ``grad_accumulation`` micro-batches, under autocast when
+    ``amp_dtype`` is set. A non-finite loss on any rank makes every rank skip the step together
+    (no DDP hang); the caller counts the skips. Shared by the Ray worker loop and ``bench/``."""
+    core = model.module if hasattr(model, "module") else model
+    device = images[0].device
+    micro = max(1, len(images) // grad_accumulation)
+    loss_sums: dict[str, torch.Tensor] = {}
+    optimizer.zero_grad(set_to_none=True)
+    for m in range(grad_accumulation):
+        sl = slice(m * micro, (m + 1) * micro)
+        accumulating = m < grad_accumulation - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if accumulating else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                losses = model(images[sl], targets[sl])
+            total = sum(losses.values()) / grad_accumulation
+            bad = torch.tensor([0.0 if torch.isfinite(total).item() else 1.0], device=device)
+            if _all_reduce(bad, "max").item() > 0:
+                optimizer.zero_grad(set_to_none=True)
+                return StepResult(False, {}, float("nan"), applied=False)
+            scaler.scale(total).backward()
+        for k, v in losses.items():
+            loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float() / grad_accumulation
+    scaler.unscale_(optimizer)
+    norm = float(torch.nn.utils.clip_grad_norm_(core.parameters(), grad_clip_norm or float("inf")))
+    if scaler.is_enabled():  # fp16: the scaler skips overflowing steps and lowers its scale; not an error
+        scaler.step(optimizer)
+        scaler.update()
+        return StepResult(True, loss_sums, norm, applied=math.isfinite(norm))
+    if not math.isfinite(norm):  # the same norm on every rank (after DDP's all-reduce): all skip
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(False, loss_sums, norm, applied=False)
+    optimizer.step()
+    return StepResult(True, loss_sums, norm, applied=True)
+
+
 class _StatusFile:
     """``{local_dir}/{run}/workers/rank{r}.json``: pid, host and progress of each worker, for ops."""
 
@@ -73,7 +127,9 @@ class _StatusFile:
         os.replace(tmp, self.path)
 
 
-def _make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int):
+def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int):
+    """The DataLoader of one rank for one epoch from ``start``: the sampler's batches in index mode, or
+    webdataset streaming; the same for `tsd train` and `bench/`."""
     from torch.utils.data import DataLoader
 
     from pipeline.loader import collate, streaming_dataset
@@ -189,7 +245,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     last_losses: dict[str, float] = {}
     while iteration < max_iterations:
         epoch, start = divmod(iteration, ipe)
-        loader = _make_loader(cfg, dataset, sampler, epoch, start, rank, world)
+        loader = make_loader(cfg, dataset, sampler, epoch, start, rank, world)
         model.train()
         t_end = time.perf_counter()
         for batch in loader:
@@ -198,34 +254,12 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, targets = unpack(batch, device)
-            micro = max(1, len(images) // tc.grad_accumulation)
-            loss_sums: dict[str, torch.Tensor] = {}
-            finite = True
-            optimizer.zero_grad(set_to_none=True)
-            for m in range(tc.grad_accumulation):
-                sl = slice(m * micro, (m + 1) * micro)
-                accumulating = m < tc.grad_accumulation - 1 and hasattr(model, "no_sync")
-                with model.no_sync() if accumulating else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                        losses = model(images[sl], targets[sl])
-                    total = sum(losses.values()) / tc.grad_accumulation
-                    bad = torch.tensor([0.0 if torch.isfinite(total).item() else 1.0], device=device)
-                    if _all_reduce(bad, "max").item() > 0:  # every rank skips together: no DDP hang
-                        finite = False
-                        break
-                    scaler.scale(total).backward()
-                for k, v in losses.items():
-                    loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float() / tc.grad_accumulation
-            grad_norm = float("nan")
-            if finite:
+            step = train_step(model, optimizer, scaler, images, targets, tc.grad_accumulation, amp_dtype,
+                              tc.grad_clip_norm)
+            loss_sums, grad_norm = step.losses, step.grad_norm
+            if step.finite:
                 nonfinite_in_row = 0
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip_norm or float("inf"))
-                grad_norm = float(norm)
-                scaler.step(optimizer)
-                scaler.update()
             else:
-                optimizer.zero_grad(set_to_none=True)
                 nonfinite_in_row += 1
                 skipped_total += 1
                 if rank == 0:

@@ -1,0 +1,67 @@
+"""Profile one R50-FPN inference and training step per RoI head (torch.profiler), for finding where
+TSD's extra time goes: the top operators by device time, and how many kernels each head launches.
+
+    python bench/profile_model.py [--device cuda] [--amp] [--heads tsd,sibling] > profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--heads", default="tsd,sibling")
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args()
+    from tsd_model.build import build_model
+    from tsd_model.config import ModelConfig
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    image = [torch.rand(3, 800, 1216, device=device)]
+    target = [{"boxes": torch.tensor([[100.0, 120, 400, 500], [600, 200, 900, 700]], device=device),
+               "labels": torch.tensor([1, 7], device=device)}]
+    for head in args.heads.split(","):
+        cfg = ModelConfig(num_classes=80)
+        cfg.roi.head = head
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+
+        def infer(model: torch.nn.Module = model) -> None:
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.type, enabled=args.amp):
+                model(image)
+
+        def train(model: torch.nn.Module = model) -> None:
+            model.train()
+            with torch.autocast(device.type, enabled=args.amp):
+                losses = model(image, target)
+            sum(losses.values()).backward()
+            model.zero_grad(set_to_none=True)
+
+        for name, fn in (("inference", infer), ("train step", train)):
+            for _ in range(3):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+            events = prof.key_averages()
+            kernels = sum(e.count for e in events if cuda and e.device_type.name == "CUDA")
+            ops = sum(e.count for e in events if e.device_type.name == "CPU")
+            print(f"\n=== {head} {name}: {ops} CPU-side op calls, {kernels} kernel launches")
+            print(events.table(sort_by=sort, row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()

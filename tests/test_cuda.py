@@ -1,0 +1,93 @@
+"""The CUDA paths: pooling and the detector agree with the CPU, and an fp16 AMP training step works.
+
+Skipped where there is no GPU (CI); run on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+from pipeline.train import train_step
+from tests.model_utils import tiny_model_config, toy_batch
+from tsd_model.build import build_model
+from tsd_model.ops import deform_roi_pool
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 16, 50, 60, generator=g)
+    xy = torch.rand(64, 2, generator=g) * 150
+    wh = torch.rand(64, 2, generator=g) * 80 + 4
+    rois = torch.cat([torch.randint(0, 2, (64, 1), generator=g).float(), xy, xy + wh], dim=1)
+    offsets = torch.randn(64, 7, 7, 2, generator=g) * 3
+    return features, rois, offsets
+
+
+def test_deform_roi_pool_on_cuda_equals_cpu_forward_and_backward():
+    features, rois, offsets = _inputs()
+    results = {}
+    for device in ("cpu", "cuda"):
+        f = features.to(device, copy=True).requires_grad_(True)
+        o = offsets.to(device, copy=True).requires_grad_(True)
+        out = deform_roi_pool(f, rois.to(device), o, 7, 0.25, 2)
+        out.pow(2).sum().backward()
+        results[device] = [t.detach().cpu() for t in (out, f.grad, o.grad)]
+    for cpu, gpu in zip(results["cpu"], results["cuda"], strict=True):
+        torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_zero_offsets_equal_roi_align_on_cuda():
+    features, rois, _ = _inputs(1)
+    features, rois = features.to(CUDA), rois.to(CUDA)
+    expected = roi_align(features, rois, 7, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    got = deform_roi_pool(features, rois, torch.zeros(64, 7, 7, 2, device=CUDA), 7, 0.25, 2)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)  # float32 sums in another order
+
+
+def test_pooling_keeps_float32_under_fp16_autocast():
+    features, rois, offsets = _inputs(2)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = deform_roi_pool(features.to(CUDA).half(), rois.to(CUDA), offsets.to(CUDA), 7, 0.25, 2)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_detector_inference_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config()).eval()
+    images, _ = toy_batch()
+    with torch.no_grad():
+        cpu = model(images)
+        gpu = model.to(CUDA)([im.to(CUDA) for im in images])
+    for c, g in zip(cpu, gpu, strict=True):
+        assert g["boxes"].device.type == "cuda"
+        n = min(len(c["scores"]), len(g["scores"]), 10)  # the top detections; ties may reorder the tail
+        torch.testing.assert_close(g["scores"][:n].cpu(), c["scores"][:n], atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(g["boxes"][:n].cpu(), c["boxes"][:n], atol=1e-2, rtol=1e-3)
+
+
+def test_fp16_amp_training_steps_with_grad_scaler_are_finite_and_learn():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config()).to(CUDA).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda")
+    images, targets = toy_batch()
+    images = [im.to(CUDA) for im in images]
+    targets = [{k: v.to(CUDA) for k, v in t.items()} for t in targets]
+    totals, applied = [], 0
+    for _ in range(30):
+        step = train_step(model, optimizer, scaler, images, targets, 1, torch.float16, 10.0)
+        assert step.finite  # fp16 overflows are the scaler's business, not non-finite losses
+        assert all(v.dtype == torch.float32 for v in step.losses.values())
+        assert math.isfinite(step.grad_norm) == step.applied
+        applied += step.applied
+        totals.append(float(sum(step.losses.values())))
+    assert applied >= 25  # the scaler skips a few steps while it finds its scale
+    assert sum(totals[-5:]) / 5 < 0.75 * sum(totals[:5]) / 5
+    assert {"loss_tsd_cls", "loss_pc_cls", "loss_pc_loc", "loss_sibling_cls"} <= set(step.losses)
