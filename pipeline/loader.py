@@ -1,10 +1,11 @@
 """The training loader: random access into the tar shards through the prep index.
 
 Stages, each a small function: read the sample's bytes (one range read covering its ``.jpg`` and
-``.json`` members, from local disk or S3) -> decode (``torchvision.io.decode_jpeg``) -> resize the
-shorter side (antialiased, on the uint8 tensor) -> collate -> (on the training device) flip.
-Images stay uint8 until they reach the training device, where they are also flipped; a batch crosses the DataLoader's process boundary as a handful of
-tensors (one padded uint8 image tensor, one concatenated box tensor with per-image counts).
+``.json`` members, from local disk or S3) -> decode (``torchvision.io.decode_jpeg``) -> shrink an
+image larger than the model input (antialiased, on the uint8 tensor) -> collate. Images stay uint8
+until they reach the training device, where they are flipped and brought to the input size by the
+model's transform; a batch crosses the DataLoader's process boundary as a handful of tensors (one
+padded uint8 image tensor, one concatenated box tensor with per-image counts).
 Which sample and whether it is flipped come from the sampler (``pipeline.sampler``), so the data
 order is reproducible and resumable. ``streaming_dataset`` is the other mode: webdataset over the
 shards, resampled, for uniform sampling without the index.
@@ -74,6 +75,25 @@ def resize_shape(height: int, width: int, min_size: int, max_size: int) -> tuple
     return max(1, round(height * scale)), max(1, round(width * scale)), scale
 
 
+def shrink_to_input(image: Tensor, boxes: Tensor, min_size: int, max_size: int) -> tuple[Tensor, Tensor]:
+    """Downscale an image larger than the model's input size (antialiased), with its pixel boxes.
+
+    A smaller image is left as it is: the model's transform brings every image to the input size
+    on the training device anyway (bilinear, as torchvision's), which for an enlargement computes
+    what an antialiased resize would, so the loader's cores and batches carry the smaller image.
+    """
+    h, w = image.shape[-2:]
+    nh, nw, scale = resize_shape(h, w, min_size, max_size)
+    if scale >= 1.0:
+        return image, boxes
+    return TF.resize(image, [nh, nw], antialias=True), boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+
+
+def flip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """The boxes of the horizontally flipped image (the pixels flip on the device, see ``unpack``)."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
 class ShardDataset(Dataset):
     """Map-style dataset over the shards; an item is ``(index, flip)`` from the sampler.
 
@@ -125,18 +145,14 @@ class ShardDataset(Dataset):
         except (ValueError, RuntimeError) as exc:  # bad JSON or JPEG bytes inside a complete-looking shard
             raise InputError(f"{self.storage.uri(self.index.shards[i])} [{self.index.keys[i]}]: damaged sample "
                              f"({type(exc).__name__}: {str(exc)[:120]}); re-run `tsd prep` for this split") from None
-        h, w = image.shape[-2:]
-        nh, nw, _ = resize_shape(h, w, self.min_size, self.max_size)
-        if (nh, nw) != (h, w):
-            image = TF.resize(image, [nh, nw], antialias=True)
         boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
-        boxes *= torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        image, boxes = shrink_to_input(image, boxes, self.min_size, self.max_size)
         labels = torch.tensor(meta["labels"], dtype=torch.int64)
         if not self.use_expanded_labels and meta.get("is_expanded"):
             keep = torch.tensor(meta["is_expanded"]) == 0
             boxes, labels = boxes[keep], labels[keep]
-        if flip:  # the boxes flip here; the pixels flip on the training device (see ``unpack``)
-            boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
+        if flip:
+            boxes = flip_boxes(boxes, image.shape[-1])
         return {"image": image, "boxes": boxes, "labels": labels, "index": i, "flip": bool(flip)}
 
 
@@ -198,14 +214,11 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
     def to_sample(sample: dict) -> dict:
         meta = json.loads(sample["json"])
         image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        h, w = image.shape[-2:]
-        nh, nw, _ = resize_shape(h, w, min_size, max_size)
-        image = TF.resize(image, [nh, nw], antialias=True) if (nh, nw) != (h, w) else image
-        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4) * torch.tensor(
-            [nw / w, nh / h, nw / w, nh / h])
+        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
+        image, boxes = shrink_to_input(image, boxes, min_size, max_size)
         flip = rng.random() < flip_prob
         if flip:
-            boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
+            boxes = flip_boxes(boxes, image.shape[-1])
         return {"image": image, "boxes": boxes, "labels": torch.tensor(meta["labels"], dtype=torch.int64),
                 "index": -1, "flip": flip}
 
