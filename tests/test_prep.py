@@ -237,3 +237,16 @@ def test_dataloader_workers_build_batches_in_shared_memory(prepared):
     for batch, items in zip(loaded, batches, strict=True):
         expected = collate([ds[item] for item in items])
         assert all(torch.equal(batch[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("name, size", [("0123456789abcdef.jpg", 123456), ("a.json", 0), ("x" * 100, 7),
+                                        ("é.jpg", 10), ("dir/" * 30 + "y.jpg", 1),
+                                        ("big.jpg", 8**11 - 1)])
+def test_fast_tar_headers_are_tarfiles_bytes(name, size):
+    import tarfile
+
+    from data_prep.shard import TAR_MTIME, ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, TAR_MTIME, 0o444, 0, 0, "", ""
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
