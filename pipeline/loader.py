@@ -157,11 +157,17 @@ class ShardDataset(Dataset):
 
 
 def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
-    """One padded uint8 image tensor, image sizes, concatenated boxes/labels with per-image counts."""
+    """One padded uint8 image tensor, image sizes, concatenated boxes/labels with per-image counts.
+
+    The batch is ``[N, H, W, 3]`` (channels last): ``decode_jpeg`` and the resize hand back
+    images whose memory is already height x width x channel, so each one is copied as is instead
+    of being transposed (which took a fifth of a sample's loading time). ``unpack`` returns the
+    usual ``[3, h, w]`` views on the device.
+    """
     h = max(s["image"].shape[1] for s in samples)
     w = max(s["image"].shape[2] for s in samples)
     h, w = -(-h // size_divisible) * size_divisible, -(-w // size_divisible) * size_divisible
-    shape = (len(samples), 3, h, w)
+    shape = (len(samples), h, w, 3)
     if torch.utils.data.get_worker_info() is not None:
         # in a DataLoader worker, build the batch in shared memory: handing it to the training
         # process then copies nothing (what torch's default_collate does for its tensors)
@@ -171,9 +177,9 @@ def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
         images = torch.empty(shape, dtype=torch.uint8)
     for k, s in enumerate(samples):
         ih, iw = s["image"].shape[1:]
-        images[k, :, :ih, :iw] = s["image"]
-        images[k, :, ih:, :] = 0  # zero only the padding
-        images[k, :, :ih, iw:] = 0
+        images[k, :ih, :iw] = s["image"].permute(1, 2, 0)
+        images[k, ih:] = 0  # zero only the padding
+        images[k, :ih, iw:] = 0
     return {
         "images": images,
         "sizes": torch.tensor([s["image"].shape[1:] for s in samples], dtype=torch.int64),
@@ -191,8 +197,10 @@ def unpack(batch: dict[str, Tensor], device: torch.device) -> tuple[list[Tensor]
     boxes = batch["boxes"].to(device).split(batch["counts"].tolist())
     labels = batch["labels"].to(device).split(batch["counts"].tolist())
     flips = batch["flips"].tolist() if "flips" in batch else [False] * len(images)
-    out_images = [images[k, :, :h, :w].flip(-1) if flipped else images[k, :, :h, :w]
-                  for k, ((h, w), flipped) in enumerate(zip(batch["sizes"].tolist(), flips, strict=True))]
+    out_images = []
+    for k, ((h, w), flipped) in enumerate(zip(batch["sizes"].tolist(), flips, strict=True)):
+        image = images[k, :h, :w].permute(2, 0, 1)  # [3, h, w] view of the channels-last batch
+        out_images.append(image.flip(-1) if flipped else image)
     return out_images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
 
 
