@@ -12,6 +12,7 @@ Boxes come out in the project's convention, normalized ``(x1, y1, x2, y2)``; the
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,15 +21,17 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from data_prep import rejects as R
+from data_prep.csv_ranges import line_ranges, lines_before, parallel_batches
 from data_prep.errors import InputError
 from data_prep.labels import LabelSpace
 from data_prep.rejects import Reject, RejectLog
-from data_prep.storage import open_source
+from data_prep.storage import is_s3, open_source
 
 BOX_REQUIRED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 BOX_FLAGS = ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside")
 LABEL_REQUIRED = ("ImageID", "LabelName", "Confidence")
 BLOCK_SIZE = 16 << 20
+PARALLEL_MIN_BYTES = 64 << 20  # smaller files are parsed by one reader
 _NUMBER_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
@@ -76,8 +79,11 @@ class ImageCoder:
 
     def encode(self, column: pa.Array) -> np.ndarray:
         """Codes for a block's ImageID column; new ids get new codes in order of first appearance."""
-        uniques = pc.unique(column)
-        local = pc.index_in(column, value_set=uniques).to_numpy(zero_copy_only=False).astype(np.int32)
+        if isinstance(column, pa.DictionaryArray):  # the parser's per-block dictionary: first-appearance order
+            uniques, local = column.dictionary, column.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+        else:
+            uniques = pc.unique(column)
+            local = pc.index_in(column, value_set=uniques).to_numpy(zero_copy_only=False).astype(np.int32)
         new = uniques.to_pylist()
         if not new:
             return local
@@ -122,44 +128,80 @@ class _LineMap:
         return line
 
 
+def _record_invalid(line_map: _LineMap, log: RejectLog, uri: str, line: int | None, expected: int, actual: int,
+                    text: str) -> None:
+    """Reject a row the parser could not split into the header's columns (and keep its line)."""
+    if line is not None:
+        bisect.insort(line_map.skipped, line)
+    log.add(Reject(R.MALFORMED_ROW, uri, f"expected {expected} columns, got {actual}: {text[:120]!r}", line=line))
+
+
+def _csv_options(types: dict[str, pa.DataType], on_invalid, column_names: list[str] | None = None):
+    return {
+        "read_options": pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False, column_names=column_names),
+        "parse_options": pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
+        "convert_options": pacsv.ConvertOptions(
+            column_types=types,
+            include_columns=list(types),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    }
+
+
+def _parse_workers(uri: str, typed: bool) -> int:
+    """How many byte ranges to parse at once: one per core for a large local file on the fast path."""
+    if not typed or is_s3(uri) or os.path.getsize(uri) < PARALLEL_MIN_BYTES:
+        return 1
+    return min(len(os.sched_getaffinity(0)), 8)
+
+
 def _open_reader(
     uri: str,
+    header: list[str],
     types: dict[str, pa.DataType],
     line_map: _LineMap,
     log: RejectLog,
     endpoint_url: str | None,
     typed: bool,
 ):
+    """The file's record batches in order: one streaming reader, or one per byte range in parallel."""
+    workers = _parse_workers(uri, typed)
+    if workers > 1:
+        return _parallel_reader(uri, header, types, line_map, log, line_ranges(uri, workers))
+
     def on_invalid(row) -> str:
-        if row.number is not None:
-            bisect.insort(line_map.skipped, row.number)
-        log.add(
-            Reject(
-                R.MALFORMED_ROW,
-                uri,
-                f"expected {row.expected_columns} columns, got {row.actual_columns}: {row.text[:120]!r}",
-                line=row.number,
-            )
-        )
+        _record_invalid(line_map, log, uri, row.number, row.expected_columns, row.actual_columns, row.text)
         return "skip"
 
     stream = open_source(uri, endpoint_url)
     try:
-        return pacsv.open_csv(
-            stream,
-            read_options=pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types=types,
-                include_columns=list(types),
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
+        return pacsv.open_csv(stream, **_csv_options(types, on_invalid))
     except pa.ArrowInvalid as exc:
         if typed:
             raise _SlowPath() from None
         raise InputError(f"{uri}: cannot read as CSV ({exc})") from None
+
+
+def _parallel_reader(uri: str, header: list[str], types: dict[str, pa.DataType], line_map: _LineMap,
+                     log: RejectLog, ranges: list[tuple[int, int]]):
+    """Batches of every range in file order; malformed rows are recorded at the end, with the
+    file's line numbers (a range's reader counts from its own first line)."""
+    deferred: list[list[tuple]] = [[] for _ in ranges]
+
+    def open_range(k: int, stream):
+        def on_invalid(row) -> str:
+            deferred[k].append((row.number, row.expected_columns, row.actual_columns, row.text))
+            return "skip"
+
+        return pacsv.open_csv(stream, **_csv_options(types, on_invalid, None if k == 0 else header))
+
+    for _, batch in parallel_batches(uri, ranges, open_range):
+        yield batch
+    for k, rows in enumerate(deferred):
+        base = lines_before(uri, ranges[k][0]) if rows and k > 0 else 0
+        for number, expected, actual, text in rows:
+            _record_invalid(line_map, log, uri, None if number is None else base + number, expected, actual, text)
 
 
 def _header(uri: str, endpoint_url: str | None) -> list[str]:
@@ -197,6 +239,22 @@ def _numbers(column: pa.Array, allow_empty: bool = False) -> tuple[np.ndarray, n
     if allow_empty:
         bad &= pc.fill_null(pc.not_equal(trimmed, ""), True).to_numpy(zero_copy_only=False)
     return values, bad
+
+
+def _codes_in(column: pa.Array, values: pa.Array) -> np.ndarray:
+    """Each cell's index in ``values`` (-1 when absent); on a dictionary column only its uniques are looked up."""
+    if isinstance(column, pa.DictionaryArray):
+        found = pc.fill_null(pc.index_in(column.dictionary, value_set=values), -1).to_numpy(zero_copy_only=False)
+        return found[column.indices.to_numpy(zero_copy_only=False)]
+    return pc.fill_null(pc.index_in(column, value_set=values), -1).to_numpy(zero_copy_only=False)
+
+
+def _empty_cells(column: pa.Array) -> np.ndarray:
+    """Mask of the empty strings of a text column."""
+    if isinstance(column, pa.DictionaryArray):
+        empty = pc.equal(pc.utf8_length(column.dictionary), 0).to_numpy(zero_copy_only=False)
+        return empty[column.indices.to_numpy(zero_copy_only=False)]
+    return pc.equal(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
 
 
 def rows_of(offsets: np.ndarray, code: int) -> slice:
@@ -285,14 +343,15 @@ def _iter_batches(reader, uri: str, typed: bool):
 
 def _column_types(columns: tuple[str, ...], numeric: tuple[str, ...], typed: bool,
                   small_ints: tuple[str, ...] = ()) -> dict[str, pa.DataType]:
-    """Types of the columns to read (the others are skipped by the parser); on the fast path the
-    0/1 flag columns are parsed straight into int8."""
+    """Types of the columns to read (the others are skipped by the parser). On the fast path the
+    0/1 flag columns are parsed straight into int8 and the text columns (ImageID, LabelName) into
+    per-block dictionaries, so that the parser threads, not the consumer, find each block's uniques."""
     def kind(c: str) -> pa.DataType:
         if not typed:
             return pa.string()
         if c in small_ints:
             return pa.int8()
-        return pa.float32() if c in numeric else pa.string()
+        return pa.float32() if c in numeric else pa.dictionary(pa.int32(), pa.string())
 
     return {c: kind(c) for c in columns}
 
@@ -333,6 +392,7 @@ def _read_boxes_once(
     line_map = _LineMap()
     reader = _open_reader(
         uri,
+        header,
         _column_types(("ImageID", "LabelName", *coords, *flags_present), coords, typed, tuple(flags_present)),
         line_map,
         log,
@@ -348,9 +408,9 @@ def _read_boxes_once(
         n = batch.num_rows
         cols = {name: batch.column(name) for name in batch.schema.names}
         img = images.encode(cols["ImageID"])
-        lab = pc.fill_null(pc.index_in(cols["LabelName"], value_set=mids), -1).to_numpy(zero_copy_only=False)
+        lab = _codes_in(cols["LabelName"], mids)
         box = np.empty((n, 4), dtype=np.float32)
-        malformed = pc.equal(pc.utf8_length(cols["ImageID"]), 0).to_numpy(zero_copy_only=False)
+        malformed = _empty_cells(cols["ImageID"])
         # CSV order XMin, XMax, YMin, YMax -> project order x1, y1, x2, y2
         for src, dst in zip(coords, (0, 2, 1, 3), strict=True):
             box[:, dst], bad = _numbers(cols[src])
@@ -512,7 +572,7 @@ def _read_image_labels_once(
 ) -> ImageLabelTable:
     line_map = _LineMap()
     reader = _open_reader(
-        uri, _column_types(LABEL_REQUIRED, ("Confidence",), typed), line_map, log, endpoint_url, typed
+        uri, header, _column_types(LABEL_REQUIRED, ("Confidence",), typed), line_map, log, endpoint_url, typed
     )
     mids = pa.array(labels.mids)
     imgs, labs, poss = [], [], []
@@ -521,9 +581,9 @@ def _read_image_labels_once(
     for batch in _iter_batches(reader, uri, typed):
         cols = {name: batch.column(name) for name in batch.schema.names}
         img = images.encode(cols["ImageID"])
-        lab = pc.fill_null(pc.index_in(cols["LabelName"], value_set=mids), -1).to_numpy(zero_copy_only=False)
+        lab = _codes_in(cols["LabelName"], mids)
         conf, bad = _numbers(cols["Confidence"])
-        bad |= pc.equal(pc.utf8_length(cols["ImageID"]), 0).to_numpy(zero_copy_only=False)
+        bad |= _empty_cells(cols["ImageID"])
         unknown = (lab < 0) & ~bad
         for i in np.flatnonzero(bad | unknown):
             if bad[i]:

@@ -168,3 +168,54 @@ def test_duplicate_detection_matches_a_plain_python_reference():
         seen.add(key)
     assert (~expected).sum() > 10  # the data has duplicates, some of them triples
     np.testing.assert_array_equal(_first_of_duplicates(img, lab, box, group), expected)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_byte_ranges_give_exactly_the_sequential_result(tmp_path, monkeypatch, workers):
+    import data_prep.oid_files as oid_files
+
+    rng = np.random.default_rng(1)
+    n = 6000
+    image_of_row = np.sort(rng.integers(0, 900, n))
+    rows = [TRAIN_HEADER] + [
+        f"i{k:05d},xclick,/m/{'abc'[r % 3]},1,0.1,0.{5 + r % 4},0.2,0.6,{r % 2},0,{r % 3 == 0:d},0,0"
+        for r, k in enumerate(image_of_row)
+    ]
+    rows[40] = rows[40].replace("/m/", "/m/zz")  # unknown class, first range
+    rows[4500] = "short,row"  # malformed, a later range
+    rows[5200] = rows[5200].replace(",0.2,", ",1.7,")  # outside [0, 1], a later range
+    rows[5900] = rows[5899]  # an exact duplicate near the end
+    rows.insert(3000, "another,short,row")  # a second malformed line, near a cut
+    path = _write(tmp_path, "big.csv", "\n".join(rows) + "\n")
+    monkeypatch.setattr(oid_files, "BLOCK_SIZE", 8192)
+    sequential = _read(path)
+    labels_seq = read_image_labels(path, LABELS, ImageCoder(), RejectLog())
+    monkeypatch.setattr(oid_files, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(oid_files, "_parse_workers", lambda uri, typed: workers if typed else 1)
+    parallel = _read(path)
+    labels_par = read_image_labels(path, LABELS, ImageCoder(), RejectLog())
+    (t1, c1, l1), (t2, c2, l2) = sequential, parallel
+    assert c1.ids == c2.ids and t1.rows_read == t2.rows_read == n - 1  # n + 1 lines, 2 malformed
+    for name in ("image_code", "label", "boxes", "line", "offsets"):
+        np.testing.assert_array_equal(getattr(t1, name), getattr(t2, name))
+    for flag in t1.flags:
+        np.testing.assert_array_equal(t1.flags[flag], t2.flags[flag])
+    key = lambda log: sorted((r.reason, r.line, r.detail) for r in log.records)  # noqa: E731
+    assert key(l1) == key(l2)
+    assert {(r.reason, r.line) for r in l2.records} >= {(R.MALFORMED_ROW, 3001), (R.MALFORMED_ROW, 4502),
+                                                          (R.UNKNOWN_MID, 41), (R.BOX_OUTSIDE_IMAGE, 5202)}
+    np.testing.assert_array_equal(labels_seq.image_code, labels_par.image_code)
+    np.testing.assert_array_equal(labels_seq.label, labels_par.label)
+
+
+def test_a_non_number_in_a_later_range_falls_back_to_the_cell_by_cell_path(tmp_path, monkeypatch):
+    import data_prep.oid_files as oid_files
+
+    rows = [TRAIN_HEADER] + [f"i{k:05d},xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0" for k in range(3000)]
+    rows[2500] = rows[2500].replace(",0.1,", ",abc,")
+    path = _write(tmp_path, "bad.csv", "\n".join(rows) + "\n")
+    monkeypatch.setattr(oid_files, "BLOCK_SIZE", 8192)
+    monkeypatch.setattr(oid_files, "_parse_workers", lambda uri, typed: 2 if typed else 1)
+    table, coder, log = _read(path)
+    assert len(table) == 2999 and len(coder) == 3000
+    assert [(r.reason, r.line) for r in log.records] == [(R.MALFORMED_ROW, 2501)]
