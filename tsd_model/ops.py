@@ -74,8 +74,8 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
         output_size: k.
         sampling_ratio: s >= 1; each bin averages s x s bilinear samples.
     Returns:
-        ``[K, C, k, k]`` (``[V, K, C, k, k]`` for V offset sets) in the table's dtype (float32 also under autocast: the sampling math never
-        runs in half precision).
+        ``[K, C, k, k]`` (``[V, K, C, k, k]`` for V offset sets) in the table's dtype: float32,
+        also under autocast (the sampling math never runs in half precision).
     """
     k, s = output_size, sampling_ratio
     if s < 1:
