@@ -401,7 +401,7 @@ def _read_boxes_once(
     )
     mids = pa.array(labels.mids)
 
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("img", "lab", "box", "row", *flags_present)}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("img", "lab", "box", "row", "key", *flags_present)}
     rows = 0
     bad_rows: list[tuple[int, str, str, str]] = []  # (data row, reason, image id, detail)
     for batch in _iter_batches(reader, uri, typed):
@@ -451,6 +451,9 @@ def _read_boxes_once(
         parts["row"].append(data_row)
         for f in flags_present:
             parts[f].append(flag_values[f])
+        if drop_duplicates:  # hashed here, where the consumer would otherwise wait for the parsers
+            group = flag_values.get("IsGroupOf", np.full(len(img), -1, np.int8))
+            parts["key"].append(_duplicate_key(img, lab, box, group))
         rows += n
 
     for data_row, reason, image_id, detail in bad_rows:
@@ -464,6 +467,7 @@ def _read_boxes_once(
     lab = cat("lab", np.int16)
     box = cat("box", np.float32, (0, 4))
     data_row = cat("row", np.int32)
+    dup_key = cat("key", np.uint64)
     flags = {
         f: (cat(f, np.int8) if f in flags_present else np.full(len(lab), -1, np.int8)) for f in BOX_FLAGS
     }
@@ -471,10 +475,11 @@ def _read_boxes_once(
     order, offsets = group_offsets(img, len(images))
     if order is not None:
         img, lab, box, data_row = img[order], lab[order], box[order], data_row[order]
+        dup_key = dup_key[order] if len(dup_key) else dup_key
         flags = {k: v[order] for k, v in flags.items()}
 
     if drop_duplicates and len(lab):
-        keep = _first_of_duplicates(img, lab, box, flags["IsGroupOf"])
+        keep = _first_of_duplicates(img, lab, box, flags["IsGroupOf"], dup_key)
         if not keep.all():
             for i in np.flatnonzero(~keep):
                 log.add(
@@ -496,13 +501,13 @@ def _read_boxes_once(
     return BoxTable(img, lab, box, flags, lines, offsets, rows_read=rows)
 
 
-def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
+def _duplicate_key(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Per row: the image code in the high 32 bits, the top of a hash of (class, box, group-of) below.
 
-    One sort of a per-image row hash finds candidate runs of equal keys; inside a run rows are
-    compared exactly in row order, so a hash collision never drops a row.
+    Rows grouped by image give nearly sorted keys, which the stable sort (timsort) exploits --
+    several times faster than sorting the hash alone.
     """
-    bits = box.view(np.uint64)  # (x1, y1) and (x2, y2) as two 64-bit words per row
+    bits = np.ascontiguousarray(box).view(np.uint64)  # (x1, y1) and (x2, y2) as two 64-bit words per row
     with np.errstate(over="ignore"):
         h = (
             (img.astype(np.uint64) << np.uint64(20))
@@ -515,12 +520,21 @@ def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, grou
         h *= np.uint64(0x94D049BB133111EB)
         h ^= bits[:, 1]
         h ^= h >> np.uint64(32)
-    # rows are grouped by image: a key of (image, top bits of the hash) is nearly sorted already,
-    # which the stable sort (timsort) exploits -- several times faster than sorting the hash alone
-    key = (img.astype(np.uint64) << np.uint64(32)) | (h >> np.uint64(32))
+    return (img.astype(np.uint64) << np.uint64(32)) | (h >> np.uint64(32))
+
+
+def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray,
+                         key: np.ndarray | None = None) -> np.ndarray:
+    """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
+
+    One sort of the rows' ``_duplicate_key`` finds candidate runs of equal keys; inside a run rows
+    are compared exactly in row order, so a hash collision never drops a row.
+    """
+    if key is None or len(key) != len(img):
+        key = _duplicate_key(img, lab, box, group)
     order = np.argsort(key, kind="stable")
     hs = key[order]
-    keep = np.ones(len(h), dtype=bool)
+    keep = np.ones(len(key), dtype=bool)
     same = np.flatnonzero(hs[1:] == hs[:-1])  # position j: sorted rows j and j + 1 share a hash
     run_start = None
     for k, j in enumerate(same):
