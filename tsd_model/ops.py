@@ -34,8 +34,7 @@ class FeatureTable:
 
     rows: Tensor  # [sum_l N * H_l * W_l, C], float32 (float64 for float64 maps)
     base: Tensor  # [L] first row of each level
-    heights: Tensor  # [L]
-    widths: Tensor  # [L]
+    sizes: Tensor  # [L, 2] width and height of each level (x before y, as in boxes)
     scales: Tensor  # [L] feature-map pixels per input pixel (1 / stride)
     k_min: int  # log2 of the stride of level 0 (2 for P2)
 
@@ -52,8 +51,8 @@ class FeatureTable:
         for m, start, end in zip(maps, bases, bases[1:], strict=False):  # one copy each, with the cast
             rows[start:end].view(m.shape[0], m.shape[2], m.shape[3], channels).copy_(m.permute(0, 2, 3, 1))
         bases.pop()
-        sizes = torch.tensor([bases, [m.shape[2] for m in maps], [m.shape[3] for m in maps]], device=device)
-        return cls(rows, sizes[0], sizes[1], sizes[2], torch.tensor(scales, dtype=dtype, device=device),
+        sizes = torch.tensor([[m.shape[3], m.shape[2]] for m in maps], device=device)
+        return cls(rows, torch.tensor(bases, device=device), sizes, torch.tensor(scales, dtype=dtype, device=device),
                    int(round(-math.log2(scales[0]))))
 
     def levels_of(self, boxes: Tensor) -> Tensor:
@@ -87,7 +86,7 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
         return table.rows.new_zeros((*lead, 0, channels, k, k))
     rois = rois.to(dtype)
     scale = table.scales[levels, None]  # [K, 1]
-    size = torch.stack([table.widths[levels], table.heights[levels]], dim=1)  # [K, 2] as (x, y)
+    size = table.sizes[levels]  # [K, 2] as (x, y)
     first_row = table.base[levels] + rois[:, 0].long() * size[:, 0] * size[:, 1]
     # x and y are handled together in a last dim of 2. A sample's x depends on its bin and its
     # column in the bin, never on its row (and y the other way round): [K, k, k, s, 2]

@@ -89,8 +89,8 @@ class RoIStage(nn.Module):
     def run(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
             with_sibling: bool) -> dict[str, Tensor]:
         """Raw head outputs for the RoIs ``proposals`` (concatenated over images in ``'boxes'``)."""
-        boxes = torch.cat(proposals)
         rois = rois_of(proposals)
+        boxes = rois[:, 1:]
         table = self.pool.table(features, _padded_size(image_sizes, features))  # shared by P, P-hat-c, P-hat-r
         levels = table.levels_of(boxes)  # P-hat-c and P-hat-r are pooled at the level of their P
         pooled = self.pool(table, rois, levels).to(features[FEATMAP_NAMES[0]].dtype)
