@@ -77,8 +77,8 @@ def lines_before(path: str, offset: int, chunk: int = 16 << 20) -> int:
 
 
 def parallel_batches(path: str, ranges: list[tuple[int, int]],
-                     open_reader: Callable[[int, RangeFile], Iterator]) -> Iterator[tuple[int, object]]:
-    """``(range index, record batch)`` for every batch of every range, in file order.
+                     open_reader: Callable[[int, RangeFile], Iterator]) -> Iterator:
+    """Every record batch of every range, in file order.
 
     ``open_reader(k, stream)`` makes the reader of range k. Each range is parsed in its own
     thread; a parser's exception is raised here, at its place in the order. Closing the iterator
@@ -105,11 +105,11 @@ def parallel_batches(path: str, ranges: list[tuple[int, int]],
     for t in threads:
         t.start()
     try:
-        for k, q in enumerate(queues):
+        for q in queues:
             while (item := q.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                yield k, item
+                yield item
     finally:
         stop.set()
         for t in threads:

@@ -196,8 +196,7 @@ def _parallel_reader(uri: str, header: list[str], types: dict[str, pa.DataType],
 
         return pacsv.open_csv(stream, **_csv_options(types, on_invalid, None if k == 0 else header))
 
-    for _, batch in parallel_batches(uri, ranges, open_range):
-        yield batch
+    yield from parallel_batches(uri, ranges, open_range)
     for k, rows in enumerate(deferred):
         base = lines_before(uri, ranges[k][0]) if rows and k > 0 else 0
         for number, expected, actual, text in rows:
@@ -467,7 +466,7 @@ def _read_boxes_once(
     lab = cat("lab", np.int16)
     box = cat("box", np.float32, (0, 4))
     data_row = cat("row", np.int32)
-    dup_key = cat("key", np.uint64)
+    dup_key = cat("key", np.uint64) if drop_duplicates else None
     flags = {
         f: (cat(f, np.int8) if f in flags_present else np.full(len(lab), -1, np.int8)) for f in BOX_FLAGS
     }
@@ -475,7 +474,7 @@ def _read_boxes_once(
     order, offsets = group_offsets(img, len(images))
     if order is not None:
         img, lab, box, data_row = img[order], lab[order], box[order], data_row[order]
-        dup_key = dup_key[order] if len(dup_key) else dup_key
+        dup_key = dup_key[order] if dup_key is not None else None
         flags = {k: v[order] for k, v in flags.items()}
 
     if drop_duplicates and len(lab):
@@ -530,7 +529,7 @@ def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, grou
     One sort of the rows' ``_duplicate_key`` finds candidate runs of equal keys; inside a run rows
     are compared exactly in row order, so a hash collision never drops a row.
     """
-    if key is None or len(key) != len(img):
+    if key is None:
         key = _duplicate_key(img, lab, box, group)
     order = np.argsort(key, kind="stable")
     hs = key[order]
