@@ -36,7 +36,7 @@ class ImageRejected(Exception):
 
 @dataclass
 class CheckedImage:
-    data: bytes  # JPEG bytes to store
+    data: bytes | memoryview  # JPEG bytes to store (``raw`` itself when unchanged)
     width: int
     height: int
     orig_width: int
@@ -130,19 +130,22 @@ def _exif_orientation(raw: bytes, start: int, end: int) -> int | None:
 
 
 def _has_eoi(raw) -> bool:
-    """An end-of-image marker near the end (``raw``: bytes or an mmap of the file)."""
-    return raw.rfind(JPEG_EOI, max(0, len(raw) - EOI_SEARCH_WINDOW)) >= 0
+    """An end-of-image marker near the end (``raw``: any bytes-like object)."""
+    if raw[-2:] == JPEG_EOI:  # the common case, without copying the window
+        return True
+    return bytes(raw[max(0, len(raw) - EOI_SEARCH_WINDOW) :]).rfind(JPEG_EOI) >= 0
 
 
 def check_image(
-    raw: bytes,
+    raw: bytes | memoryview,
     resize_short_side: int | None = None,
     resize_max_long_side: int | None = None,
     jpeg_quality: int = 90,
     verify_decode: bool = False,
 ) -> CheckedImage:
-    """Validate ``raw`` image bytes (or an mmap of the file) and return what to store; raises
-    ``ImageRejected``. When the image can be stored unchanged, ``data`` is ``raw`` itself."""
+    """Validate ``raw`` image bytes (any bytes-like object: bytes, a memoryview of a read buffer)
+    and return what to store; raises ``ImageRejected``. When the image can be stored unchanged,
+    ``data`` is ``raw`` itself."""
     if len(raw) == 0:
         raise ImageRejected(R.ZERO_SIZE_IMAGE, "the file is empty (0 bytes)")
     header = None if verify_decode else read_jpeg_header(raw)

@@ -108,9 +108,10 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise InputError(f"{self._path(name)}: no such file") from None
 
-    def local_path(self, name: str) -> Path:
-        """The file behind ``name`` (local storage only: lets callers map or send it without a copy)."""
-        return self._path(name)
+    def local_path(self, name: str) -> str:
+        """The file behind ``name`` (local storage only: lets callers open it directly, without the
+        cost of a ``Path`` per file)."""
+        return os.path.join(self.root, name) if name else self.root
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         with open(self._path(name), "rb") as f:

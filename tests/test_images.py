@@ -52,6 +52,20 @@ def test_truncated_jpeg_is_rejected(verify):
     assert info.value.reason == R.TRUNCATED_IMAGE
 
 
+def test_a_view_of_a_read_buffer_is_checked_like_bytes():
+    raw = _noise_jpeg()
+    buffer = bytearray(len(raw) + 1000)  # a reused buffer longer than the file, as the shard writer has
+    buffer[: len(raw)] = raw
+    view = memoryview(buffer)[: len(raw)]
+    checked = check_image(view)
+    assert checked.data is view and (checked.width, checked.height) == (128, 96)
+    padded = memoryview(raw + b"\0" * 300)  # bytes after the end-of-image marker are allowed
+    assert check_image(padded).data is padded
+    with pytest.raises(ImageRejected) as info:
+        check_image(view[: len(raw) // 2])
+    assert info.value.reason == R.TRUNCATED_IMAGE
+
+
 def test_damage_inside_the_data_is_found_with_verify_decode():
     raw = bytearray(_noise_jpeg(64, 48))
     sos = raw.find(b"\xff\xda")

@@ -250,3 +250,20 @@ def test_fast_tar_headers_are_tarfiles_bytes(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, TAR_MTIME, 0o444, 0, 0, "", ""
     assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_source_reader_reads_whole_files_of_any_size_into_one_buffer(tmp_path):
+    from data_prep.errors import InputError
+    from data_prep.shard import _SourceReader
+    from data_prep.storage import LocalStorage
+
+    rng = np.random.default_rng(0)
+    contents = {"empty.jpg": b"", "small.jpg": rng.bytes(1000), "big.jpg": rng.bytes(3 << 20),
+                "after.jpg": rng.bytes(5)}
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    reader = _SourceReader(LocalStorage(tmp_path))
+    for name, data in contents.items():  # the big file grows the buffer; later reads reuse it
+        assert bytes(reader.read(name)) == data
+    with pytest.raises(InputError, match="missing.jpg: no such file"):
+        reader.read("missing.jpg")
