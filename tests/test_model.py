@@ -263,3 +263,31 @@ def test_gradients_do_not_depend_on_how_a_batch_is_split():
     first, second = grads(images[:1], targets[:1]), grads(images[1:], targets[1:])
     for name, grad in together.items():
         torch.testing.assert_close(grad, (first[name] + second[name]) / 2, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("rois", [2, 7])  # fewer / more RoIs than outputs: either copy is the smaller
+def test_pooled_linear_reads_channels_last_features_like_flattened_ones(rois):
+    from tsd_model.heads import PooledLinear
+
+    torch.manual_seed(0)
+    layer = PooledLinear(8, 3, 5)
+    pooled = torch.randn(rois, 3, 3, 8).permute(0, 3, 1, 2)  # [K, C, k, k], channels-last memory
+    assert pooled.is_contiguous(memory_format=torch.channels_last) and not pooled.is_contiguous()
+    plain = pooled.contiguous().requires_grad_()
+    pooled.requires_grad_()
+
+    def reference(x):
+        return torch.nn.functional.linear(x.flatten(1), layer.weight, layer.bias)
+
+    out = layer(pooled)
+    torch.testing.assert_close(out, reference(plain))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    weight_grad, layer.weight.grad = layer.weight.grad.clone(), None
+    reference(plain).backward(grad)
+    torch.testing.assert_close(pooled.grad, plain.grad)
+    torch.testing.assert_close(weight_grad, layer.weight.grad)
+    with torch.no_grad():  # inference keeps the reordered weight while the weight is unchanged...
+        torch.testing.assert_close(layer(pooled), reference(plain))
+        layer.weight.mul_(2)  # ...and notices an update (an optimizer step, a loaded checkpoint)
+        torch.testing.assert_close(layer(pooled), reference(plain))

@@ -26,6 +26,7 @@ def test_zero_offsets_equal_roi_align(dtype, tol, sampling):
     for offsets in (None, torch.zeros(30, 7, 7, 2, dtype=dtype)):
         got = deform_roi_pool(features, rois, offsets, 7, 0.25, sampling)
         assert got.dtype == dtype and got.shape == (30, 8, 7, 7)
+        assert got.is_contiguous(memory_format=torch.channels_last)  # what the heads' first fc reads
         torch.testing.assert_close(got, expected, atol=tol, rtol=0)
 
 

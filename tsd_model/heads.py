@@ -1,14 +1,64 @@
 """The layers of the RoI heads: the classical sibling head, the double head and TSD's branches.
 
 Layers only; matching, sampling, coding and losses live in ``roi_heads.py`` and ``losses.py``.
-Layer names follow torchvision (``fc6``/``fc7`` in ``TwoMLPHead``, ``cls_score``, ``bbox_pred``)
+Layer names follow torchvision (``fc6``/``fc7`` as in its ``TwoMLPHead``, ``cls_score``, ``bbox_pred``)
 so that a torchvision Faster R-CNN checkpoint loads into the sibling head.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
+
+
+class PooledLinear(nn.Linear):
+    """A Linear layer on pooled RoI features ``[K, C, k, k]`` that reads them in either memory layout.
+
+    The weight keeps the usual ``(C, k, k)`` input order (checkpoints of torchvision and of the
+    classical heads load unchanged). RoI pooling produces channels-last features; flattening
+    them in ``(C, k, k)`` order would copy every RoI's ``C*k*k`` values, so instead the weight is
+    read in ``(k, k, C)`` order: a copy that is kept while the weight is unchanged when no
+    gradient is needed (inference: the features of every RoI are never reordered), and made per
+    call in training when it is smaller than the features it saves reordering.
+    """
+
+    def __init__(self, channels: int, grid: int, out_features: int) -> None:
+        super().__init__(channels * grid * grid, out_features)
+        self.channels, self.grid = channels, grid
+        self._cached: tuple[tuple, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            self._cached = None if torch.is_grad_enabled() else self._cached
+            return super().forward(x.flatten(1))
+        flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # a view: no copy
+        if torch.is_grad_enabled():
+            self._cached = None
+            if x.shape[0] < self.out_features:  # reordering the features is the smaller copy
+                return super().forward(x.contiguous().flatten(1))
+            return F.linear(flat, self._channels_last_weight(), self.bias)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._channels_last_weight().detach())
+        return F.linear(flat, self._cached[1], self.bias)
+
+    def _channels_last_weight(self) -> Tensor:
+        c, k = self.channels, self.grid
+        return self.weight.view(-1, c, k, k).permute(0, 2, 3, 1).reshape(self.out_features, -1)
+
+
+class TwoFCHead(nn.Module):
+    """Two fc layers with ReLU on pooled RoI features; torchvision's ``TwoMLPHead`` (same parameter
+    names, so its checkpoints load), with the first layer reading channels-last features."""
+
+    def __init__(self, channels: int, grid: int, representation: int) -> None:
+        super().__init__()
+        self.fc6 = PooledLinear(channels, grid, representation)
+        self.fc7 = nn.Linear(representation, representation)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(pooled))))
 
 
 def _init_predictors(cls_score: nn.Linear, bbox_pred: nn.Linear) -> None:
@@ -21,9 +71,9 @@ def _init_predictors(cls_score: nn.Linear, bbox_pred: nn.Linear) -> None:
 class SiblingHead(nn.Module):
     """The classical head H*: one 2fc branch shared by classification and regression."""
 
-    def __init__(self, in_features: int, representation: int, num_outputs: int, num_reg: int) -> None:
+    def __init__(self, channels: int, grid: int, representation: int, num_outputs: int, num_reg: int) -> None:
         super().__init__()
-        self.box_head = TwoMLPHead(in_features, representation)
+        self.box_head = TwoFCHead(channels, grid, representation)
         self.cls_score = nn.Linear(representation, num_outputs)
         self.bbox_pred = nn.Linear(representation, num_reg * 4)
         _init_predictors(self.cls_score, self.bbox_pred)
@@ -36,10 +86,10 @@ class SiblingHead(nn.Module):
 class DoubleHead(nn.Module):
     """Two separate 2fc branches (the paper's Dhead); TSD feeds them different features."""
 
-    def __init__(self, in_features: int, representation: int, num_outputs: int, num_reg: int) -> None:
+    def __init__(self, channels: int, grid: int, representation: int, num_outputs: int, num_reg: int) -> None:
         super().__init__()
-        self.cls_branch = TwoMLPHead(in_features, representation)
-        self.reg_branch = TwoMLPHead(in_features, representation)
+        self.cls_branch = TwoFCHead(channels, grid, representation)
+        self.reg_branch = TwoFCHead(channels, grid, representation)
         self.cls_score = nn.Linear(representation, num_outputs)
         self.bbox_pred = nn.Linear(representation, num_reg * 4)
         _init_predictors(self.cls_score, self.bbox_pred)
@@ -59,10 +109,10 @@ class TSDOffsets(nn.Module):
     zero, so that training begins with P-hat-c = P-hat-r = P.
     """
 
-    def __init__(self, in_features: int, hidden: int, grid: int) -> None:
+    def __init__(self, channels: int, hidden: int, grid: int) -> None:
         super().__init__()
         self.grid = grid
-        self.shared = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True))
+        self.shared = nn.Sequential(PooledLinear(channels, grid, hidden), nn.ReLU(inplace=True))
         self.delta_c = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, grid * grid * 2))
         self.delta_r = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2))
         for last in (self.delta_c[-1], self.delta_r[-1]):
@@ -71,15 +121,15 @@ class TSDOffsets(nn.Module):
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
         """``([R, k, k, 2], [R, 2])`` offsets in units of the proposal's width and height."""
-        x = self.shared(pooled.flatten(1))
+        x = self.shared(pooled)
         return self.delta_c(x).view(-1, self.grid, self.grid, 2), self.delta_r(x)
 
 
 class TSDHead(nn.Module):
     """TSD's task-specific branches: classification on P-hat-c, regression on P-hat-r."""
 
-    def __init__(self, in_features: int, representation: int, num_outputs: int, num_reg: int, hidden: int,
-                 grid: int) -> None:
+    def __init__(self, channels: int, grid: int, representation: int, num_outputs: int, num_reg: int,
+                 hidden: int) -> None:
         super().__init__()
-        self.offsets = TSDOffsets(in_features, hidden, grid)
-        self.branches = DoubleHead(in_features, representation, num_outputs, num_reg)
+        self.offsets = TSDOffsets(channels, hidden, grid)
+        self.branches = DoubleHead(channels, grid, representation, num_outputs, num_reg)

@@ -74,7 +74,10 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
         sampling_ratio: s >= 1; each bin averages s x s bilinear samples.
     Returns:
         ``[K, C, k, k]`` (``[V, K, C, k, k]`` for V offset sets) in the table's dtype: float32,
-        also under autocast (the sampling math never runs in half precision).
+        also under autocast (the sampling math never runs in half precision). The memory is
+        channels-last (each RoI's ``[k, k, C]`` is contiguous, as ``embedding_bag`` writes it; a
+        ``[K, C, k, k]`` slice is in ``torch.channels_last`` format): ``heads.PooledLinear`` reads it
+        without a copy, anything else can call ``.contiguous()``.
     """
     k, s = output_size, sampling_ratio
     if s < 1:
@@ -116,9 +119,9 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
     weight = weight[..., 1, :][..., :, None, :, None] * (weight[..., 0, :] / (s * s))[..., None, :, None, :]
     pooled = F.embedding_bag(index.reshape(-1, 4 * s * s), table.rows, mode="sum",
                              per_sample_weights=weight.reshape(-1, 4 * s * s))
-    dims = len(lead)  # [V?, K, k, k, C] -> [V?, K, C, k, k]
+    dims = len(lead)  # [V?, K, k, k, C] -> a [V?, K, C, k, k] view
     order = (*range(dims), dims, dims + 3, dims + 1, dims + 2)
-    return pooled.view(*lead, num, k, k, channels).permute(order).contiguous()
+    return pooled.view(*lead, num, k, k, channels).permute(order)
 
 
 def deform_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None, output_size: int,

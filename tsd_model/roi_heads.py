@@ -45,18 +45,17 @@ class RoIStage(nn.Module):
         self.add_gt = roi.add_gt_as_proposals
         num_outputs = cfg.num_classes + 1
         num_reg = 1 if class_agnostic else num_outputs
-        in_features = in_channels * k * k
         self.pool = MultiScaleDeformRoIPool(FEATMAP_NAMES, k, roi.sampling_ratio)
         self.coder = box_coder(stds)
         self.matcher = det_utils.Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(roi.batch_size_per_image, roi.positive_fraction)
         self.sibling = self.dhead = self.tsd = None
         if roi.head == "sibling" or (roi.head == "tsd" and tsd.joint_sibling):
-            self.sibling = SiblingHead(in_features, roi.representation_size, num_outputs, num_reg)
+            self.sibling = SiblingHead(in_channels, k, roi.representation_size, num_outputs, num_reg)
         if roi.head == "double":
-            self.dhead = DoubleHead(in_features, roi.representation_size, num_outputs, num_reg)
+            self.dhead = DoubleHead(in_channels, k, roi.representation_size, num_outputs, num_reg)
         if roi.head == "tsd":
-            self.tsd = TSDHead(in_features, roi.representation_size, num_outputs, num_reg, tsd.offset_hidden, k)
+            self.tsd = TSDHead(in_channels, k, roi.representation_size, num_outputs, num_reg, tsd.offset_hidden)
             self.deform_pool = MultiScaleDeformRoIPool(FEATMAP_NAMES, k, tsd.samples_per_bin)
 
     # -- training targets -------------------------------------------------------------------
