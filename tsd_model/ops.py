@@ -110,15 +110,21 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
     coord = torch.where(low >= last, low, coord)  # on the last row / column: no interpolation
     frac = coord - low
     low_i = low.long()
-    near = torch.stack([low_i, torch.minimum(low_i + 1, limit - 1)], dim=-1)  # [K, k, k, s, 2 (x/y), 2]
+    near = torch.stack([low_i, torch.minimum(low_i + 1, limit - 1)], dim=-1)  # [V?, K, k, k, s, 2 (x/y), 2]
     weight = torch.stack([(1 - frac) * inside, frac * inside], dim=-1)
-    # the 4 s^2 (row, weight) pairs of each bin: [V?, K, k, k, s (y), s (x), 2 (y corner), 2 (x corner)]
-    row_y = (near[..., 1, :] * limit[..., 0, None])[..., :, None, :, None]
-    row_x = near[..., 0, :][..., None, :, None, :]
-    index = first_row.view(num, 1, 1, 1, 1, 1, 1) + row_y + row_x
-    weight = weight[..., 1, :][..., :, None, :, None] * (weight[..., 0, :] / (s * s))[..., None, :, None, :]
-    pooled = F.embedding_bag(index.reshape(-1, 4 * s * s), table.rows, mode="sum",
-                             per_sample_weights=weight.reshape(-1, 4 * s * s))
+    # A bin sums the 4 s^2 corners (row, weight) of its s x s samples; the order inside a bin does
+    # not matter, so they form a (y sample, y corner) x (x sample, x corner) outer product of two
+    # vectors of length 2s per bin: a plain 3-d broadcast (int32 rows where they fit).
+    bins = near.shape[:-3].numel()
+    index_dtype = torch.int32 if table.rows.shape[0] < 2**31 else torch.int64
+    near = near.to(index_dtype)
+    row_y = (first_row.to(index_dtype).view(num, 1, 1, 1, 1)
+             + near[..., 1, :] * limit[..., 0, None].to(index_dtype)).reshape(bins, 2 * s, 1)
+    row_x = near[..., 0, :].reshape(bins, 1, 2 * s)
+    weight_y = weight[..., 1, :].reshape(bins, 2 * s, 1)
+    weight_x = (weight[..., 0, :] / (s * s)).reshape(bins, 1, 2 * s)
+    pooled = F.embedding_bag((row_y + row_x).view(bins, 4 * s * s), table.rows, mode="sum",
+                             per_sample_weights=(weight_y * weight_x).view(bins, 4 * s * s))
     dims = len(lead)  # [V?, K, k, k, C] -> a [V?, K, C, k, k] view
     order = (*range(dims), dims, dims + 3, dims + 1, dims + 2)
     return pooled.view(*lead, num, k, k, channels).permute(order)
