@@ -247,10 +247,10 @@ class _SourceReader:
     is valid until the next call.
     """
 
-    def __init__(self, images: Storage) -> None:
+    def __init__(self, images: Storage, initial_bytes: int = 1 << 20) -> None:
         self._images = images
         self._local = isinstance(images, LocalStorage)
-        self._buffer = bytearray(1 << 20)
+        self._buffer = bytearray(initial_bytes)
 
     def read(self, source: str):
         if not self._local:
@@ -270,9 +270,10 @@ class _SourceReader:
                 if n == 0:
                     return view[:filled]
                 filled += n
-                if filled == len(view):
-                    self._buffer += bytearray(len(self._buffer))
-                    view = memoryview(self._buffer)
+                if filled == len(view):  # more than fstat said (a file still being written, /proc)
+                    grown = bytearray(2 * len(view))  # a new buffer: views of the old one may live on
+                    grown[:filled] = view
+                    self._buffer, view = grown, memoryview(grown)
         finally:
             os.close(fd)
 

@@ -267,3 +267,10 @@ def test_source_reader_reads_whole_files_of_any_size_into_one_buffer(tmp_path):
         assert bytes(reader.read(name)) == data
     with pytest.raises(InputError, match="missing.jpg: no such file"):
         reader.read("missing.jpg")
+    # a file with more bytes than its size says (procfs reports 0) is read to its end, also while
+    # a view from an earlier read is still held (a bytearray cannot be resized under a view)
+    anywhere = _SourceReader(LocalStorage("/"), initial_bytes=16)
+    earlier = anywhere.read(str(tmp_path / "after.jpg").lstrip("/"))
+    expected = Path("/proc/self/cmdline").read_bytes()
+    assert len(expected) > 64 and bytes(anywhere.read("proc/self/cmdline")) == expected
+    earlier.release()
