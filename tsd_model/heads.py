@@ -19,8 +19,9 @@ class PooledLinear(nn.Linear):
     classical heads load unchanged). RoI pooling produces channels-last features; flattening
     them in ``(C, k, k)`` order would copy every RoI's ``C*k*k`` values, so instead the weight is
     read in ``(k, k, C)`` order: a copy that is kept while the weight is unchanged when no
-    gradient is needed (inference: the features of every RoI are never reordered), and made per
-    call in training when it is smaller than the features it saves reordering.
+    gradient is needed (inference: the features of every RoI are never reordered; the price is
+    one more copy of this weight in memory, dropped when a forward with gradient runs), and made
+    per call in training when it is smaller than the features it saves reordering.
     """
 
     def __init__(self, channels: int, grid: int, out_features: int) -> None:
