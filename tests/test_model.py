@@ -291,3 +291,13 @@ def test_pooled_linear_reads_channels_last_features_like_flattened_ones(rois):
         torch.testing.assert_close(layer(pooled), reference(plain))
         layer.weight.mul_(2)  # ...and notices an update (an optimizer step, a loaded checkpoint)
         torch.testing.assert_close(layer(pooled), reference(plain))
+
+
+def test_pooled_linear_built_under_inference_mode():
+    from tsd_model.heads import PooledLinear
+
+    with torch.inference_mode():  # parameters made here are inference tensors (no version counter)
+        layer = PooledLinear(4, 2, 3)
+        pooled = torch.randn(5, 2, 2, 4).permute(0, 3, 1, 2)
+        expected = torch.nn.functional.linear(pooled.contiguous().flatten(1), layer.weight, layer.bias)
+        torch.testing.assert_close(layer(pooled), expected)

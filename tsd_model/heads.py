@@ -39,6 +39,9 @@ class PooledLinear(nn.Linear):
             if x.shape[0] < self.out_features:  # reordering the features is the smaller copy
                 return super().forward(x.contiguous().flatten(1))
             return F.linear(flat, self._channels_last_weight(), self.bias)
+        if self.weight.is_inference():
+            # made under torch.inference_mode: no version counter tells when it changes, so no copy is kept
+            return F.linear(flat, self._channels_last_weight(), self.bias)
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self._channels_last_weight().detach())
