@@ -37,6 +37,12 @@ def classification_loss(logits: Tensor, labels: Tensor, weights: Tensor | None =
     return _reduce(F.cross_entropy(logits.float(), labels, reduction="none"), weights)
 
 
+def regression_classes(deltas: Tensor, labels: Tensor, pos: Tensor) -> Tensor:
+    """The delta row each positive RoI ``pos`` is regressed with: its class, or 0 when ``deltas``
+    is class-agnostic (``[R, 1, 4]``)."""
+    return labels[pos] if deltas.shape[1] > 1 else torch.zeros_like(labels[pos])
+
+
 def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: float,
                         weights: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
     """Smooth-L1 on the deltas of each positive RoI's own class, normalised by all sampled RoIs.
@@ -50,8 +56,7 @@ def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: f
         pos = torch.nonzero(labels > 0).flatten()
     if pos.numel() == 0:
         return deltas.sum() * 0.0
-    cls = labels[pos] if deltas.shape[1] > 1 else torch.zeros_like(labels[pos])
-    pred = deltas[pos, cls].float()
+    pred = deltas[pos, regression_classes(deltas, labels, pos)].float()
     per_roi = F.smooth_l1_loss(pred, targets[pos].float(), beta=beta, reduction="none").sum(dim=1)
     if weights is None:
         return per_roi.sum() / max(1, labels.numel())

@@ -109,17 +109,16 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
     low = torch.minimum(coord.detach().floor(), last)
     coord = torch.where(low >= last, low, coord)  # on the last row / column: no interpolation
     frac = coord - low
-    low_i = low.long()
-    near = torch.stack([low_i, torch.minimum(low_i + 1, limit - 1)], dim=-1)  # [V?, K, k, k, s, 2 (x/y), 2]
+    index_dtype = torch.int32 if table.rows.shape[0] < 2**31 else torch.int64  # rows as int32 where they fit
+    low_i, limit_i = low.to(index_dtype), limit.to(index_dtype)
+    near = torch.stack([low_i, torch.minimum(low_i + 1, limit_i - 1)], dim=-1)  # [V?, K, k, k, s, 2 (x/y), 2]
     weight = torch.stack([(1 - frac) * inside, frac * inside], dim=-1)
     # A bin sums the 4 s^2 corners (row, weight) of its s x s samples; the order inside a bin does
     # not matter, so they form a (y sample, y corner) x (x sample, x corner) outer product of two
-    # vectors of length 2s per bin: a plain 3-d broadcast (int32 rows where they fit).
+    # vectors of length 2s per bin: a plain 3-d broadcast.
     bins = near.shape[:-3].numel()
-    index_dtype = torch.int32 if table.rows.shape[0] < 2**31 else torch.int64
-    near = near.to(index_dtype)
     row_y = (first_row.to(index_dtype).view(num, 1, 1, 1, 1)
-             + near[..., 1, :] * limit[..., 0, None].to(index_dtype)).reshape(bins, 2 * s, 1)
+             + near[..., 1, :] * limit_i[..., 0, None]).reshape(bins, 2 * s, 1)
     row_x = near[..., 0, :].reshape(bins, 1, 2 * s)
     weight_y = weight[..., 1, :].reshape(bins, 2 * s, 1)
     weight_x = (weight[..., 0, :] / (s * s)).reshape(bins, 1, 2 * s)

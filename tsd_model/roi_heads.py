@@ -143,7 +143,7 @@ class RoIStage(nn.Module):
                                                       self.tsd_cfg.margin_cls, w)
             if self.tsd_cfg.pc_loc:
                 w_pos = L.per_image_weights(counts, labels > 0)[pos]
-                cls = labels[pos] if out["deltas"].shape[1] > 1 else torch.zeros_like(labels[pos])
+                cls = L.regression_classes(out["deltas"], labels, pos)
                 boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
                     torch.stack([out["deltas"][pos, cls], out["sibling_deltas"][pos, cls]]).float(),
                     torch.stack([out["reg_boxes"][pos], boxes[pos]]).float()).unbind(0)
