@@ -9,6 +9,7 @@ are published. The output may be a local directory or an ``s3://`` prefix.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -265,6 +266,15 @@ def _make_spec(
     return spec
 
 
+@functools.cache
+def _shard_task():
+    """``write_shard`` as a Ray task, made once per process: Ray inspects and exports a remote
+    function when it is first called (~15 ms), once per Ray session."""
+    import ray
+
+    return ray.remote(max_retries=2)(write_shard)
+
+
 def _run_tasks(
     plan: SplitPlan, out: Storage, settings: ImageSettings, up: np.ndarray, prep: PrepConfig, progress: bool
 ) -> list[ShardResult]:
@@ -280,7 +290,7 @@ def _run_tasks(
             results[spec.index] = done
         else:
             todo.append(spec)
-    task = ray.remote(num_cpus=prep.num_cpus_per_task, max_retries=2)(write_shard)
+    task = _shard_task().options(num_cpus=prep.num_cpus_per_task)
     up_ref = ray.put(up)
     refs = [task.remote(spec, plan.images, out, settings, up_ref) for spec in todo]
     for result in gather_with_progress(refs, f"prep {plan.split} shards", "shard", progress, initial=len(results),

@@ -64,14 +64,16 @@ def gather_with_progress(refs: list, desc: str, unit: str = "task", progress: bo
     from tqdm import tqdm
 
     pending = list(refs)
+    position = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
     try:
         with tqdm(total=total if total is not None else len(refs), initial=initial, desc=desc, unit=unit,
                   disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)  # raise a task's error as soon as it happens
+                results[position[done[0]]] = ray.get(done[0])  # a task's error is raised as soon as it happens
                 bar.update(len(done))
-        return ray.get(list(refs))
+        return results
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)

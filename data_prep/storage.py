@@ -125,15 +125,16 @@ class LocalStorage(Storage):
         base = self._path(prefix) if prefix and self._path(prefix).is_dir() else self._root
         if not base.exists():
             return
-        stack = [base]
+        root = os.path.join(str(self._root), "")  # with its trailing separator
+        stack = [str(base)]
         while stack:
             directory = stack.pop()
             with os.scandir(directory) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=True):
-                        stack.append(Path(entry.path))
+                        stack.append(entry.path)
                         continue
-                    name = os.path.relpath(entry.path, self._root).replace(os.sep, "/")
+                    name = entry.path[len(root):].replace(os.sep, "/")  # scandir paths start with root
                     if name.startswith(prefix.rstrip("/")) or not prefix:
                         yield ObjectInfo(name, entry.stat().st_size)
 

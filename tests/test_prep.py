@@ -3,8 +3,10 @@ reproducibility, resume, every bad-input case counted in the manifest, S3 in and
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -252,25 +254,46 @@ def test_fast_tar_headers_are_tarfiles_bytes(name, size):
     assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
-def test_source_reader_reads_whole_files_of_any_size_into_one_buffer(tmp_path):
+def test_source_reader_reads_whole_files_of_any_size_into_their_members(tmp_path):
     from data_prep.errors import InputError
-    from data_prep.shard import _SourceReader
+    from data_prep.shard import _SourceReader, _TarStream
     from data_prep.storage import LocalStorage
 
     rng = np.random.default_rng(0)
-    contents = {"empty.jpg": b"", "small.jpg": rng.bytes(1000), "big.jpg": rng.bytes(3 << 20),
+    contents = {"empty.jpg": b"", "small.jpg": rng.bytes(1000), "big.jpg": rng.bytes(5 << 20),
                 "after.jpg": rng.bytes(5)}
     for name, data in contents.items():
         (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out.tar"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+    tar = _TarStream(fd, capacity=4096)  # the big file grows the buffer; later members reuse it
     reader = _SourceReader(LocalStorage(tmp_path))
-    for name, data in contents.items():  # the big file grows the buffer; later reads reuse it
-        assert bytes(reader.read(name)) == data
+    offsets = {}
+    for name, data in contents.items():
+        raw = reader.read_into(name, tar)
+        assert bytes(raw) == data
+        offsets[name] = tar.add_in_place(name, len(raw))
+        tar.end_sample()
     with pytest.raises(InputError, match="missing.jpg: no such file"):
-        reader.read("missing.jpg")
+        reader.read_into("missing.jpg", tar)
     # a file with more bytes than its size says (procfs reports 0) is read to its end, also while
     # a view from an earlier read is still held (a bytearray cannot be resized under a view)
-    anywhere = _SourceReader(LocalStorage("/"), initial_bytes=4)
-    earlier = anywhere.read(str(tmp_path / "after.jpg").lstrip("/"))
+    anywhere = _SourceReader(LocalStorage("/"))
+    earlier = anywhere.read_into(str(tmp_path / "after.jpg").lstrip("/"), tar)
     expected = Path("/proc/self/cmdline").read_bytes()
-    assert len(expected) > 4 and bytes(anywhere.read("proc/self/cmdline")) == expected
+    cmdline = anywhere.read_into("proc/self/cmdline", tar)
+    assert bytes(cmdline) == expected
+    tar.add_in_place("cmdline", len(cmdline))
     earlier.release()
+    tar.add("note.txt", b"not read from a file")
+    tar.end_sample()
+    tar.close()
+    os.close(fd)
+    archive = out.read_bytes()
+    assert len(archive) == tar.offset and len(archive) % tarfile.RECORDSIZE == 0
+    assert tar.sha256.hexdigest() == hashlib.sha256(archive).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as t:
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+    assert members == {**contents, "cmdline": expected, "note.txt": b"not read from a file"}
+    for name, (offset, size) in offsets.items():
+        assert archive[offset : offset + size] == contents[name]
