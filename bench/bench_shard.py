@@ -6,7 +6,10 @@ a box CSV, warms the page cache, then in the same run measures
   - our shard writer in one process (``write_shard`` over the whole plan: header checks, JSON
     annotations, reproducible tar members, sha256, atomic publish), and
   - the full prep job on a local Ray with one task per shard (CSV parsing, planning, index and
-    manifest included; Ray start-up excluded).
+    manifest included; Ray start-up excluded), and
+  - the floor under any checksumming sharder on this machine: the same Ray tasks over the same
+    files doing nothing but read, sha256 and write (no tar headers, no header checks, no JSON, no
+    planning).
 Prints MB/s and the ratio to ``tar cf`` (of the best times, and the median of the per-round
 ratios); writes ``bench/out/shard.json``.
 
@@ -16,6 +19,7 @@ ratios); writes ``bench/out/shard.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -55,6 +59,28 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> int:
     return total
 
 
+def read_sha256_write(paths: list[str], dest: str) -> str:
+    """The floor: each file read into one reused buffer, hashed and appended to ``dest``."""
+    buffer, digest = bytearray(1 << 20), hashlib.sha256()
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                if size > len(buffer):
+                    buffer = bytearray(2 * size)
+                view = memoryview(buffer)[: os.readv(fd, [memoryview(buffer)[:size]])]
+            finally:
+                os.close(fd)
+            digest.update(view)
+            while view:
+                view = view[os.write(out, view) :]
+    finally:
+        os.close(out)
+    return digest.hexdigest()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1500)
@@ -82,6 +108,8 @@ def main() -> None:
                            "prep.shard_size_mb=40", "data.splits.train.labels=null"])
         labels, hierarchy = load_label_space(cfg.data)
         up = hierarchy.ancestor_matrix(labels)
+        floor_plan = plan_split(cfg.data, cfg.prep, "train", labels)
+        plan_images = floor_plan.images
 
         def tar_cf() -> None:
             subprocess.run(["tar", "cf", str(work / "ref.tar"), "-C", str(data), "train"], check=True)
@@ -95,21 +123,31 @@ def main() -> None:
         def prep_on_ray() -> None:
             run_prep(cfg.data, cfg.prep, progress=False)
 
+        import ray
+
+        floor_task = ray.remote(num_cpus=cfg.prep.num_cpus_per_task)(read_sha256_write)
+        floor_groups = [[plan_images.local_path(s) for s in spec.sources] for spec in floor_plan.shards]
+
+        def floor_on_ray() -> None:
+            (work / "floor").mkdir()
+            ray.get([floor_task.remote(g, str(work / "floor" / f"{i}.bin")) for i, g in enumerate(floor_groups)])
+
         def clean() -> None:
-            for path in (work / "ref.tar", work / "single", work / "shards"):
+            for path in (work / "ref.tar", work / "single", work / "shards", work / "floor"):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
             os.sync()  # no write-back of an earlier contender is charged to the next one
 
-        contenders = {"tar_cf": tar_cf, "write_shard_1_process": one_process, "prep_ray": prep_on_ray}
+        contenders = {"tar_cf": tar_cf, "write_shard_1_process": one_process, "prep_ray": prep_on_ray,
+                      "floor_read_sha256_write_ray": floor_on_ray}
         times: dict[str, list[float]] = {name: [] for name in contenders}
         started = init_ray(None)
         try:
             prep_on_ray()  # Ray's workers import the project once, outside the timing
             for round_ in range(args.rounds):  # rotate the order; keep every time
-                names = list(contenders)[round_ % 3:] + list(contenders)[: round_ % 3]
+                names = list(contenders)[round_ % len(contenders):] + list(contenders)[: round_ % len(contenders)]
                 for name in names:
                     clean()
                     t0 = time.perf_counter()
@@ -118,22 +156,26 @@ def main() -> None:
         finally:
             shutdown_ray(started)
         best = {name: min(t) for name, t in times.items()}
-        tar_s, single_s, ray_s = best["tar_cf"], best["write_shard_1_process"], best["prep_ray"]
-        plan = plan_split(cfg.data, cfg.prep, "train", labels)
+        tar_s, single_s, ray_s, floor_s = (best[name] for name in contenders)
+
+        def paired_median(name: str) -> float:
+            # tar and the contender ran within seconds of each other in every round: the median of
+            # the per-round ratios follows the machine's slow and fast phases less than best-of times
+            return round(statistics.median(t / c for t, c in zip(times["tar_cf"], times[name], strict=True)), 2)
 
         cores = len(os.sched_getaffinity(0))
         results = {
             "machine": f"{platform.machine()}, {cores} cores, Python {platform.python_version()}",
-            "images": args.images, "rounds": args.rounds, "megabytes": round(mb, 1), "shards": len(plan.shards),
+            "images": args.images, "rounds": args.rounds, "megabytes": round(mb, 1),
+            "shards": len(floor_plan.shards),
             "tar_cf_mb_s": round(mb / tar_s, 1),
             "write_shard_1_process_mb_s": round(mb / single_s, 1),
             "prep_ray_mb_s": round(mb / ray_s, 1),
+            "floor_read_sha256_write_ray_mb_s": round(mb / floor_s, 1),
             "ratio_1_process_vs_tar": round(tar_s / single_s, 2),
             "ratio_ray_vs_tar": round(tar_s / ray_s, 2),
-            # tar and prep ran within seconds of each other in every round: the median of the
-            # per-round ratios follows the machine's slow and fast phases less than best-of times
-            "ratio_ray_vs_tar_paired_median": round(statistics.median(
-                t / r for t, r in zip(times["tar_cf"], times["prep_ray"], strict=True)), 2),
+            "ratio_ray_vs_tar_paired_median": paired_median("prep_ray"),
+            "ratio_floor_vs_tar_paired_median": paired_median("floor_read_sha256_write_ray"),
         }
         print(json.dumps(results, indent=1))
         (out / "shard.json").write_text(json.dumps(results, indent=1))
