@@ -1,19 +1,21 @@
 """Benchmark: shard throughput of ``tsd prep`` against ``tar cf`` of the same JPEG files.
 
-Writes N real JPEG files of photo-like content (default 1,500 at 1024x768, ~150-250 KB each) and
+Writes N real JPEG files of photo-like content (default 1,500 at 1024x768, ~450 KB each) and
 a box CSV, warms the page cache, then in the same run measures
   - ``tar cf`` of the image directory (the reference: pure sequential copy into one tar),
   - our shard writer in one process (``write_shard`` over the whole plan: header checks, JSON
-    annotations, reproducible tar members, sha256, atomic publish), and
+    annotations, reproducible tar members, sha256, atomic publish),
   - the full prep job on a local Ray with one task per shard (CSV parsing, planning, index and
-    manifest included; Ray start-up excluded), and
+    manifest included; Ray start-up excluded),
   - the floor under any checksumming sharder on this machine: the same Ray tasks over the same
     files doing nothing but read, sha256 and write (no tar headers, no header checks, no JSON, no
-    planning).
+    planning), and
+  - with ``--processes``: the shard writer on N plain worker processes, and the floor on as many
+    (for a machine without Ray, with ``--no-ray``, or to see how the writer scales with cores).
 Prints MB/s and the ratio to ``tar cf`` (of the best times, and the median of the per-round
 ratios); writes ``bench/out/shard.json``.
 
-    python bench/bench_shard.py [--images 1500] [--rounds 5]
+    python bench/bench_shard.py [--images 1500] [--rounds 5] [--processes 2,4] [--no-ray]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,15 +84,27 @@ def read_sha256_write(paths: list[str], dest: str) -> str:
     return digest.hexdigest()
 
 
+def _write_shard_job(job: tuple) -> None:
+    """One shard in a worker process of the ``--processes`` contenders (no Ray)."""
+    from data_prep.shard import write_shard
+
+    write_shard(*job)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--processes", default="", metavar="N,N",
+                        help="also write the shards with N plain worker processes (and take the floor with as many)")
+    parser.add_argument("--no-ray", action="store_true", help="leave out the Ray contenders (a machine without Ray)")
     parser.add_argument("--out", default=str(REPO / "bench" / "out"))
     args = parser.parse_args()
+    process_counts = [int(n) for n in args.processes.split(",") if n]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-shard-", dir=out))
+    pools: dict[int, ProcessPoolExecutor] = {}
     try:
         data = work / "data"
         total = make_dataset(data, args.images)
@@ -97,8 +112,7 @@ def main() -> None:
         for p in (data / "train").iterdir():  # warm the page cache for every contender
             p.read_bytes()
 
-        from data_prep.prep import image_settings, load_label_space, plan_split, run_prep
-        from data_prep.ray_runtime import init_ray, shutdown_ray
+        from data_prep.prep import image_settings, load_label_space, plan_split
         from data_prep.shard import write_shard
         from data_prep.storage import open_storage
         from pipeline.config import load_config
@@ -108,55 +122,86 @@ def main() -> None:
                            "prep.shard_size_mb=40", "data.splits.train.labels=null"])
         labels, hierarchy = load_label_space(cfg.data)
         up = hierarchy.ancestor_matrix(labels)
-        floor_plan = plan_split(cfg.data, cfg.prep, "train", labels)
-        plan_images = floor_plan.images
+        plan = plan_split(cfg.data, cfg.prep, "train", labels)
+        settings = image_settings(cfg.prep)
+        floor_groups = [[plan.images.local_path(s) for s in spec.sources] for spec in plan.shards]
 
         def tar_cf() -> None:
             subprocess.run(["tar", "cf", str(work / "ref.tar"), "-C", str(data), "train"], check=True)
 
         def one_process() -> None:
-            plan = plan_split(cfg.data, cfg.prep, "train", labels)
+            single_plan = plan_split(cfg.data, cfg.prep, "train", labels)
             single_out = open_storage(work / "single")
-            for spec in plan.shards:
-                write_shard(spec, plan.images, single_out, image_settings(cfg.prep), up)
+            for spec in single_plan.shards:
+                write_shard(spec, single_plan.images, single_out, settings, up)
 
-        def prep_on_ray() -> None:
-            run_prep(cfg.data, cfg.prep, progress=False)
+        def on_processes(n: int):
+            def run() -> None:
+                pool_out = open_storage(work / "pool")
+                list(pools[n].map(_write_shard_job, [(spec, plan.images, pool_out, settings, up)
+                                                     for spec in plan.shards]))
+            return run
 
-        import ray
+        def floor_on_processes(n: int):
+            def run() -> None:
+                (work / "floor").mkdir()
+                list(pools[n].map(read_sha256_write, floor_groups,
+                                  [str(work / "floor" / f"{i}.bin") for i in range(len(floor_groups))]))
+            return run
 
-        floor_task = ray.remote(num_cpus=cfg.prep.num_cpus_per_task)(read_sha256_write)
-        floor_groups = [[plan_images.local_path(s) for s in spec.sources] for spec in floor_plan.shards]
+        contenders = {"tar_cf": tar_cf, "write_shard_1_process": one_process}
+        for n in process_counts:
+            pools[n] = ProcessPoolExecutor(n)
+            contenders[f"write_shard_{n}_processes"] = on_processes(n)
+        if process_counts:
+            contenders[f"floor_read_sha256_write_{max(process_counts)}_processes"] = floor_on_processes(
+                max(process_counts))
+        started = False
+        if not args.no_ray:
+            import ray
 
-        def floor_on_ray() -> None:
-            (work / "floor").mkdir()
-            ray.get([floor_task.remote(g, str(work / "floor" / f"{i}.bin")) for i, g in enumerate(floor_groups)])
+            from data_prep.prep import run_prep
+            from data_prep.ray_runtime import init_ray
+
+            floor_task = ray.remote(num_cpus=cfg.prep.num_cpus_per_task)(read_sha256_write)
+
+            def prep_on_ray() -> None:
+                run_prep(cfg.data, cfg.prep, progress=False)
+
+            def floor_on_ray() -> None:
+                (work / "floor").mkdir()
+                ray.get([floor_task.remote(g, str(work / "floor" / f"{i}.bin")) for i, g in enumerate(floor_groups)])
+
+            contenders["prep_ray"] = prep_on_ray
+            contenders["floor_read_sha256_write_ray"] = floor_on_ray
+            started = init_ray(None)
 
         def clean() -> None:
-            for path in (work / "ref.tar", work / "single", work / "shards", work / "floor"):
+            for path in (work / "ref.tar", work / "single", work / "pool", work / "shards", work / "floor"):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
             os.sync()  # no write-back of an earlier contender is charged to the next one
 
-        contenders = {"tar_cf": tar_cf, "write_shard_1_process": one_process, "prep_ray": prep_on_ray,
-                      "floor_read_sha256_write_ray": floor_on_ray}
         times: dict[str, list[float]] = {name: [] for name in contenders}
-        started = init_ray(None)
         try:
-            prep_on_ray()  # Ray's workers import the project once, outside the timing
+            for name, contender in contenders.items():  # Ray's and the pools' workers import the project
+                if name != "tar_cf":
+                    contender()
+                clean()
             for round_ in range(args.rounds):  # rotate the order; keep every time
-                names = list(contenders)[round_ % len(contenders):] + list(contenders)[: round_ % len(contenders)]
-                for name in names:
+                k = round_ % len(contenders)
+                for name in list(contenders)[k:] + list(contenders)[:k]:
                     clean()
                     t0 = time.perf_counter()
                     contenders[name]()
                     times[name].append(time.perf_counter() - t0)
         finally:
-            shutdown_ray(started)
-        best = {name: min(t) for name, t in times.items()}
-        tar_s, single_s, ray_s, floor_s = (best[name] for name in contenders)
+            if started:
+                from data_prep.ray_runtime import shutdown_ray
+
+                shutdown_ray(started)
 
         def paired_median(name: str) -> float:
             # tar and the contender ran within seconds of each other in every round: the median of
@@ -164,22 +209,19 @@ def main() -> None:
             return round(statistics.median(t / c for t, c in zip(times["tar_cf"], times[name], strict=True)), 2)
 
         cores = len(os.sched_getaffinity(0))
+        tar_s = min(times["tar_cf"])
         results = {
             "machine": f"{platform.machine()}, {cores} cores, Python {platform.python_version()}",
-            "images": args.images, "rounds": args.rounds, "megabytes": round(mb, 1),
-            "shards": len(floor_plan.shards),
-            "tar_cf_mb_s": round(mb / tar_s, 1),
-            "write_shard_1_process_mb_s": round(mb / single_s, 1),
-            "prep_ray_mb_s": round(mb / ray_s, 1),
-            "floor_read_sha256_write_ray_mb_s": round(mb / floor_s, 1),
-            "ratio_1_process_vs_tar": round(tar_s / single_s, 2),
-            "ratio_ray_vs_tar": round(tar_s / ray_s, 2),
-            "ratio_ray_vs_tar_paired_median": paired_median("prep_ray"),
-            "ratio_floor_vs_tar_paired_median": paired_median("floor_read_sha256_write_ray"),
+            "images": args.images, "rounds": args.rounds, "megabytes": round(mb, 1), "shards": len(plan.shards),
+            "mb_s": {name: round(mb / min(t), 1) for name, t in times.items()},
+            "ratio_to_tar_best": {name: round(tar_s / min(t), 2) for name, t in times.items() if name != "tar_cf"},
+            "ratio_to_tar_paired_median": {name: paired_median(name) for name in times if name != "tar_cf"},
         }
         print(json.dumps(results, indent=1))
         (out / "shard.json").write_text(json.dumps(results, indent=1))
     finally:
+        for pool in pools.values():
+            pool.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 
