@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import re
 import time
@@ -327,13 +328,15 @@ def write_index(out: Storage, split: str, results: list[ShardResult]) -> int:
 
 
 def _class_stats(labels: LabelSpace, results: list[ShardResult]) -> list[dict]:
+    """Boxes and images per class; an image counts once for each class among its boxes' labels.
+    One ``bincount`` over every image's label set (1.7M images at the full scale)."""
     boxes = np.zeros(len(labels), np.int64)
-    images = np.zeros(len(labels), np.int64)
     for r in results:
-        for s in r.samples:
-            images[s["labels"]] += 1
         for k, v in r.box_counts.items():
             boxes[int(k)] += v
+    image_labels = np.fromiter(itertools.chain.from_iterable(s["labels"] for r in results for s in r.samples),
+                               dtype=np.int64)
+    images = np.bincount(image_labels, minlength=len(labels))
     return [
         {
             "index": i,

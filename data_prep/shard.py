@@ -204,9 +204,8 @@ class _TarStream:
     while it is still in the CPU caches: its bytes are copied once on the way in and once on the
     way out, with one hash update and one write per sample. (Gathering ~1 MiB before writing
     saves system calls but costs more: by then the first samples have left the L2 cache.)
-    Members get fixed metadata (mtime 0, mode 0444, uid/gid 0, no user
-    names); the archive ends with two zero blocks padded to a 10 KiB record, like GNU tar and
-    Python's tarfile.
+    Members get fixed metadata (mtime 0, mode 0444, uid/gid 0, no user names); the archive ends
+    with two zero blocks padded to a 10 KiB record, like GNU tar and Python's tarfile.
     """
 
     def __init__(self, fd: int, capacity: int = 1 << 20) -> None:

@@ -98,6 +98,8 @@ def test_index_offsets_point_at_the_members(prepared):
         assert row["labels"] == sorted(set(meta["labels"])) and row["num_boxes"] == len(meta["labels"])
     classes = manifest["splits"]["train"]["classes"]
     assert sum(c["boxes"] for c in classes) == manifest["splits"]["train"]["counts"]["boxes_written"]
+    assert [c["images"] for c in classes] == [sum(c["index"] in row["labels"] for row in index) for c in classes]
+    assert any(c["images"] for c in classes)
 
 
 def test_rerun_is_byte_identical_and_resume_skips_complete_shards(prepared, synth, tmp_path):
