@@ -305,26 +305,28 @@ def write_index(out: Storage, split: str, results: list[ShardResult]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [s for r in results for s in r.samples]
+    def column(name: str) -> list:
+        return [value for r in results for value in r.index_columns[name]]
+
     table = pa.table(
         {
-            "key": pa.array([s["key"] for s in rows], pa.string()),
-            "shard": pa.array([s["shard"] for s in rows], pa.string()),
-            "shard_index": pa.array([r.index for r in results for _ in r.samples], pa.int32()),
-            "jpg_offset": pa.array([s["jpg_offset"] for s in rows], pa.int64()),
-            "jpg_size": pa.array([s["jpg_size"] for s in rows], pa.int64()),
-            "json_offset": pa.array([s["json_offset"] for s in rows], pa.int64()),
-            "json_size": pa.array([s["json_size"] for s in rows], pa.int64()),
-            "width": pa.array([s["width"] for s in rows], pa.int32()),
-            "height": pa.array([s["height"] for s in rows], pa.int32()),
-            "labels": pa.array([s["labels"] for s in rows], pa.list_(pa.int16())),
-            "num_boxes": pa.array([s["num_boxes"] for s in rows], pa.int32()),
+            "key": pa.array(column("key"), pa.string()),
+            "shard": pa.array([r.name for r in results for _ in range(r.num_samples)], pa.string()),
+            "shard_index": pa.array([r.index for r in results for _ in range(r.num_samples)], pa.int32()),
+            "jpg_offset": pa.array(column("jpg_offset"), pa.int64()),
+            "jpg_size": pa.array(column("jpg_size"), pa.int64()),
+            "json_offset": pa.array(column("json_offset"), pa.int64()),
+            "json_size": pa.array(column("json_size"), pa.int64()),
+            "width": pa.array(column("width"), pa.int32()),
+            "height": pa.array(column("height"), pa.int32()),
+            "labels": pa.array(column("labels"), pa.list_(pa.int16())),
+            "num_boxes": pa.array(column("num_boxes"), pa.int32()),
         }
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     out.put_bytes(index_name(split), buf.getvalue())
-    return len(rows)
+    return table.num_rows
 
 
 def _class_stats(labels: LabelSpace, results: list[ShardResult]) -> list[dict]:
@@ -334,7 +336,7 @@ def _class_stats(labels: LabelSpace, results: list[ShardResult]) -> list[dict]:
     for r in results:
         for k, v in r.box_counts.items():
             boxes[int(k)] += v
-    image_labels = np.fromiter(itertools.chain.from_iterable(s["labels"] for r in results for s in r.samples),
+    image_labels = np.fromiter(itertools.chain.from_iterable(labels for r in results for labels in r.index_columns["labels"]),
                                dtype=np.int64)
     images = np.bincount(image_labels, minlength=len(labels))
     return [
@@ -407,7 +409,7 @@ def run_prep(
                     changes[k] = changes.get(k, 0) + v
             counts = dict(plan.counts)
             counts["images_written"] = written
-            counts["boxes_written"] = int(sum(s["num_boxes"] for r in results for s in r.samples))
+            counts["boxes_written"] = sum(sum(r.index_columns["num_boxes"]) for r in results)
             counts["annotated_boxes_written"] = sum(r.annotated_boxes for r in results)
             counts["shards"] = len(results)
             counts["shards_skipped_complete"] = sum(r.skipped for r in results)
@@ -419,7 +421,7 @@ def run_prep(
                 "changes": dict(sorted(changes.items())),
                 "classes": _class_stats(labels, results),
                 "shards": [
-                    {"name": r.name, "samples": len(r.samples), "bytes": r.bytes, "sha256": r.sha256}
+                    {"name": r.name, "samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256}
                     for r in results
                 ],
                 "seconds": round(time.perf_counter() - t0, 3),

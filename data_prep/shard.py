@@ -30,6 +30,10 @@ from data_prep.storage import LocalStorage, Storage
 REPORT_DIR = "_shards"
 TAR_MTIME = 0
 FLAG_KEYS = ("is_occluded", "is_truncated", "is_group_of", "is_depiction", "is_inside")
+# A sample's row in the split's index: its key, where its members are in the shard, its size,
+# its classes (each once) and its number of boxes.
+INDEX_COLUMNS = ("key", "jpg_offset", "jpg_size", "json_offset", "json_size", "width", "height", "labels",
+                 "num_boxes")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -107,12 +111,18 @@ class ShardResult:
     fingerprint: str
     sha256: str
     bytes: int
-    samples: list[dict] = field(default_factory=list)  # one index row per written sample
+    # the index rows of the written samples as columns (INDEX_COLUMNS): a few lists cross from the
+    # task to the driver ~4x faster than one dict per sample (~2 ms per shard task)
+    index_columns: dict[str, list] = field(default_factory=lambda: {name: [] for name in INDEX_COLUMNS})
     rejects: list[dict] = field(default_factory=list)
     changes: dict[str, int] = field(default_factory=dict)
     box_counts: dict[str, int] = field(default_factory=dict)  # class index -> boxes written (expanded)
     annotated_boxes: int = 0  # boxes written that came from the CSV (not added for an ancestor class)
     skipped: bool = False  # found complete from an earlier run
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.index_columns["key"])
 
 
 @dataclass
@@ -316,6 +326,7 @@ def write_shard(
     flags_all = targets.flags.T.tolist()  # one list per flag, over all boxes
     written = np.zeros(len(spec.image_ids), bool)
     result = ShardResult(spec.split, spec.index, spec.name, spec.fingerprint, "", 0)
+    index_columns = [result.index_columns[name] for name in INDEX_COLUMNS]
     fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".tmp", dir=out.staging_dir())
     try:
         try:
@@ -366,20 +377,10 @@ def write_shard(
                 json_offset, json_size = tar.add(f"{image_id}.json", meta)
                 tar.end_sample()
                 written[i] = True
-                result.samples.append(
-                    {
-                        "key": image_id,
-                        "shard": spec.name,
-                        "jpg_offset": jpg_offset,
-                        "jpg_size": jpg_size,
-                        "json_offset": json_offset,
-                        "json_size": json_size,
-                        "width": width,
-                        "height": height,
-                        "labels": sorted(set(labels)),
-                        "num_boxes": len(labels),
-                    }
-                )
+                for column, value in zip(index_columns, (image_id, jpg_offset, jpg_size, json_offset, json_size,
+                                                         width, height, sorted(set(labels)), len(labels)),
+                                         strict=True):
+                    column.append(value)
             tar.close()
             result.sha256 = tar.sha256.hexdigest()
             result.bytes = tar.offset
