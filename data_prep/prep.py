@@ -336,8 +336,8 @@ def _class_stats(labels: LabelSpace, results: list[ShardResult]) -> list[dict]:
     for r in results:
         for k, v in r.box_counts.items():
             boxes[int(k)] += v
-    image_labels = np.fromiter(itertools.chain.from_iterable(labels for r in results for labels in r.index_columns["labels"]),
-                               dtype=np.int64)
+    label_sets = (classes for r in results for classes in r.index_columns["labels"])  # one per image
+    image_labels = np.fromiter(itertools.chain.from_iterable(label_sets), dtype=np.int64)
     images = np.bincount(image_labels, minlength=len(labels))
     return [
         {
