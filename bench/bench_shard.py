@@ -125,6 +125,7 @@ def main() -> None:
         plan = plan_split(cfg.data, cfg.prep, "train", labels)
         settings = image_settings(cfg.prep)
         floor_groups = [[plan.images.local_path(s) for s in spec.sources] for spec in plan.shards]
+        floor_files = [str(work / "floor" / f"{i}.bin") for i in range(len(floor_groups))]  # one per shard
 
         def tar_cf() -> None:
             subprocess.run(["tar", "cf", str(work / "ref.tar"), "-C", str(data), "train"], check=True)
@@ -145,8 +146,7 @@ def main() -> None:
         def floor_on_processes(n: int):
             def run() -> None:
                 (work / "floor").mkdir()
-                list(pools[n].map(read_sha256_write, floor_groups,
-                                  [str(work / "floor" / f"{i}.bin") for i in range(len(floor_groups))]))
+                list(pools[n].map(read_sha256_write, floor_groups, floor_files))
             return run
 
         contenders = {"tar_cf": tar_cf, "write_shard_1_process": one_process}
@@ -170,7 +170,7 @@ def main() -> None:
 
             def floor_on_ray() -> None:
                 (work / "floor").mkdir()
-                ray.get([floor_task.remote(g, str(work / "floor" / f"{i}.bin")) for i, g in enumerate(floor_groups)])
+                ray.get([floor_task.remote(g, f) for g, f in zip(floor_groups, floor_files, strict=True)])
 
             contenders["prep_ray"] = prep_on_ray
             contenders["floor_read_sha256_write_ray"] = floor_on_ray
