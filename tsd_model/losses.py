@@ -48,7 +48,10 @@ def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: f
     """Smooth-L1 on the deltas of each positive RoI's own class, normalised by all sampled RoIs.
 
     ``deltas`` is ``[R, num_classes + 1, 4]`` (class-specific) or ``[R, 1, 4]`` (class-agnostic);
-    the normalisation by the number of sampled RoIs (not positives) follows mmdetection, the TSD
+    ``targets`` ``[P, 4]`` holds the targets of the positives ``pos`` only (in that order): a
+    negative has no gt box to encode (an image without boxes gives all-zero ones, whose log-size
+    target is -inf, and 0 * inf is NaN in the backward pass), as in the authors' code. The
+    normalisation by the number of sampled RoIs (not positives) follows mmdetection, the TSD
     authors' base. ``weights`` are the sampled RoIs' weights (see ``per_image_weights``); ``pos``,
     the indices of the positives, when the caller has them already.
     """
@@ -57,7 +60,7 @@ def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: f
     if pos.numel() == 0:
         return deltas.sum() * 0.0
     pred = deltas[pos, regression_classes(deltas, labels, pos)].float()
-    per_roi = F.smooth_l1_loss(pred, targets[pos].float(), beta=beta, reduction="none").sum(dim=1)
+    per_roi = F.smooth_l1_loss(pred, targets.float(), beta=beta, reduction="none").sum(dim=1)
     if weights is None:
         return per_roi.sum() / max(1, labels.numel())
     return (per_roi * weights[pos]).sum()

@@ -124,7 +124,7 @@ class RoIStage(nn.Module):
         pos = torch.nonzero(labels > 0).flatten()  # once: each nonzero waits for the device
         losses: dict[str, Tensor] = {}
         if "sibling_logits" in out:
-            targets = self.coder.encode_single(gt_boxes, boxes)
+            targets = self.coder.encode_single(gt_boxes[pos], boxes[pos])  # positives only
             losses["loss_sibling_cls"] = L.classification_loss(out["sibling_logits"], labels, w)
             losses["loss_sibling_box"] = L.box_regression_loss(out["sibling_deltas"], targets, labels, self.beta, w,
                                                                pos)
@@ -134,7 +134,7 @@ class RoIStage(nn.Module):
         reg_boxes = out["reg_boxes"]
         if self.tsd is not None and not self.tsd_cfg.delta_r_grad_through_targets:
             reg_boxes = reg_boxes.detach()
-        targets = self.coder.encode_single(gt_boxes, reg_boxes)
+        targets = self.coder.encode_single(gt_boxes[pos], reg_boxes[pos])  # positives only
         losses[f"loss_{name}_cls"] = L.classification_loss(out["logits"], labels, w)
         losses[f"loss_{name}_box"] = L.box_regression_loss(out["deltas"], targets, labels, self.beta, w, pos)
         if self.tsd is not None and "sibling_logits" in out:
