@@ -204,7 +204,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     from tsd_model.info import model_info
 
     cfg = load_config(args.config, args.overrides)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, load_weights=False)  # counts and FLOPs need no weights
     info = model_info(model, None if args.no_flops else (args.height, args.width))
     if args.json:
         print(json.dumps(info, indent=1))
@@ -219,6 +219,24 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     if "flops" in info:
         h, w = info["flops_image"]
         print(f"  FLOPs for one {h}x{w} image: {info['flops'] / 1e9:,.1f} G")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    import torch
+
+    from tsd_model.convert import convert_file
+
+    converted = convert_file(args.source, args.input)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    torch.save({"model": converted.state, "converted_from": {"source": args.source, "file": str(args.input)}}, tmp)
+    os.replace(tmp, out)
+    print(f"{args.input} ({args.source}) -> {out}: {len(converted.state)} tensors")
+    print("run it with these settings (a config's model section, or --set):")
+    for line in [*converted.overrides, f"model.weights.checkpoint={out}"]:
+        print(f"  --set {line}")
     return 0
 
 
@@ -315,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="append", help="report.json of `tsd evaluate` (repeat: TSD vs baseline)")
     p.add_argument("--out", required=True, help="output directory for the PNG files")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("weights", help="convert checkpoints of torchvision or the TSD authors into ours")
+    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    q = wsub.add_parser("convert", help="tsd weights convert --from torchvision|mmdet-v1-tsd IN.pth OUT.pt")
+    q.add_argument("--from", dest="source", required=True, choices=["torchvision", "mmdet-v1-tsd"],
+                   help="torchvision: a Faster R-CNN state dict (fasterrcnn_resnet50_fpn); mmdet-v1-tsd: a checkpoint "
+                        "released by the TSD authors (Sense-X/TSD)")
+    q.add_argument("input", help="the source file (.pth)")
+    q.add_argument("out", help="our checkpoint to write (load it with model.weights.checkpoint)")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("model-info", help="parameter counts and FLOPs of a config's detector")
     _add_config_args(p)

@@ -54,7 +54,7 @@ def load_model_for_inference(cfg: ExperimentConfig, checkpoint: str, device: tor
     """The config's model with the weights of a ``tsd train`` checkpoint."""
     from tsd_model.build import build_model
 
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, load_weights=False)  # every weight comes from the checkpoint
     state = load_state(checkpoint)
     try:
         model.load_state_dict(state["model"] if "model" in state else state)

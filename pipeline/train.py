@@ -159,6 +159,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     from pipeline.sampler import GlobalBatchSampler, SamplerSpec
     from pipeline.schedule import learning_rate, parameter_groups
     from pipeline.visualize import draw_detections, draw_tsd, tsd_geometry
+    from pipeline.weights_files import with_local_weights
     from tsd_model.build import build_model
 
     cfg = from_dict(ExperimentConfig, loop_config["config"])
@@ -172,7 +173,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
 
     # 1. the model, identical on every rank, wrapped for DDP by Ray
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model)
+    model = build_model(with_local_weights(cfg.model, cfg.data.s3_endpoint_url, Path(tc.local_dir) / "weights-cache"))
     if tc.use_gpu and world > 1 and tc.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
@@ -393,13 +394,19 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     from data_prep.prep import index_name
     from data_prep.ray_runtime import init_ray, shutdown_ray
     from data_prep.storage import is_s3, open_storage
+    from pipeline.weights_files import check_weights
 
     # workers do not share the driver's working directory: make every local path absolute
     absolute = lambda p: p if is_s3(p) else str(Path(p).resolve())  # noqa: E731
+    weights = cfg.model.weights
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards),
                                                            root=absolute(cfg.data.root)),
                               train=dataclasses.replace(cfg.train, local_dir=absolute(cfg.train.local_dir),
-                                                        storage_path=absolute(cfg.train.storage_path)))
+                                                        storage_path=absolute(cfg.train.storage_path)),
+                              model=dataclasses.replace(cfg.model, weights=dataclasses.replace(
+                                  weights, backbone=weights.backbone and absolute(weights.backbone),
+                                  checkpoint=weights.checkpoint and absolute(weights.checkpoint))))
+    check_weights(cfg.model, cfg.data.s3_endpoint_url)  # before anything starts: no silent training from random init
     tc = cfg.train
     name = tc.run_name or cfg.name
     shards = open_storage(cfg.data.shards, cfg.data.s3_endpoint_url)

@@ -27,11 +27,9 @@ def draw_detections(image: Tensor, gt_boxes: Tensor | None, pred_boxes: Tensor |
 @torch.no_grad()
 def tsd_geometry(model, image: Tensor, top_k: int = 5) -> list[dict]:
     """TSD's derived proposals for the ``top_k`` best-scoring proposals of one image (paper Fig. 5):
-    the proposal P, the translated P-hat-r and the k x k sampling points of P-hat-c, in the pixels of
-    ``image``. Runs the model's own modules; the model must have a TSD head."""
+    the proposal P, the translated P-hat-r and where each of P-hat-c's k x k bins samples, in the
+    pixels of ``image``, as the head's own ``TSDGeometry`` gives them. The model must have a TSD head."""
     from torchvision.ops import nms
-
-    from tsd_model.boxes import box_wh, translate
 
     was_training = model.training
     model.eval()
@@ -43,30 +41,22 @@ def tsd_geometry(model, image: Tensor, top_k: int = 5) -> list[dict]:
         stage = model.roi_heads.stages[-1]
         if stage.tsd is None:
             raise ValueError("the model has no TSD head")
-        out = stage.run(features, proposals, batch.image_sizes, with_sibling=False)
-        scores, labels = torch.softmax(out["logits"].float(), dim=1)[:, 1:].max(dim=1)
-        keep = nms(out["boxes"].float(), scores, 0.5)[:top_k]
-        boxes = out["boxes"][keep].float()
-        k = stage.deform_pool.output_size
-        wh = box_wh(boxes)
-        gamma = stage.tsd_cfg.gamma
-        shift = gamma * out["delta_r"][keep].float() * wh
-        offsets = gamma * out["delta_c"][keep].float() * wh[:, None, None, :]  # [n, k, k, 2]
-        centers = (torch.arange(k, device=boxes.device, dtype=torch.float32) + 0.5) / k
-        gx = boxes[:, None, None, 0] + centers[None, None, :] * wh[:, None, None, 0] + offsets[..., 0]
-        gy = boxes[:, None, None, 1] + centers[None, :, None] * wh[:, None, None, 1] + offsets[..., 1]
+        out = stage.run(features, proposals, with_sibling=False).main
+        geometry = out.geometry
+        scores, labels = torch.softmax(out.logits.float(), dim=1)[:, 1:].max(dim=1)
+        keep = nms(geometry.boxes.float(), scores, 0.5)[:top_k]
+        centres = geometry.centres_c()[keep]  # [n, k, k, 2]
         h, w = image.shape[-2:]
         (rh, rw) = batch.image_sizes[0]
-        scale = torch.tensor([w / rw, h / rh], device=boxes.device)
+        scale = torch.tensor([w / rw, h / rh], device=centres.device)
         result = []
-        for i in range(len(keep)):
-            points = torch.stack([gx[i], gy[i]], dim=-1).reshape(-1, 2) * scale
+        for i, j in enumerate(keep.tolist()):
             result.append({
-                "P": (boxes[i].view(2, 2) * scale).flatten().cpu(),
-                "P_r": (translate(boxes[i : i + 1], shift[i : i + 1])[0].view(2, 2) * scale).flatten().cpu(),
-                "P_c_points": points.cpu(),
-                "score": float(scores[keep[i]]),
-                "label": int(labels[keep[i]]),
+                "P": (geometry.boxes[j].float().view(2, 2) * scale).flatten().cpu(),
+                "P_r": (geometry.boxes_r[j].float().view(2, 2) * scale).flatten().cpu(),
+                "P_c_points": (centres[i].reshape(-1, 2) * scale).cpu(),
+                "score": float(scores[j]),
+                "label": int(labels[j]),
             })
         return result
     finally:

@@ -18,6 +18,9 @@ HEADS = {
     "sibling": ("roi.head=sibling",),
     "double": ("roi.head=double",),
     "tsd-cascade": ("cascade.enabled=true",),
+    "tsd-cascade-agnostic": ("cascade.enabled=true", "cascade.class_agnostic=true"),
+    "tsd-authors": ("tsd.pooling=authors", "tsd.samples_per_bin=4", "tsd.offset_init=kaiming_normal",
+                    "roi.pooling=mmdet_v1_roi_align", "roi.fc_init=kaiming_normal"),
 }
 
 

@@ -12,9 +12,11 @@ import torch
 from torchvision.ops import roi_align
 
 from pipeline.train import train_step
+from tests import pooling_reference as ref
 from tests.model_utils import tiny_model_config, toy_batch
+from tests.test_ops import _border_case
 from tsd_model.build import build_model
-from tsd_model.ops import deform_roi_pool
+from tsd_model.ops import RULES, deform_roi_pool
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -26,21 +28,33 @@ def _inputs(seed: int = 0):
     xy = torch.rand(64, 2, generator=g) * 150
     wh = torch.rand(64, 2, generator=g) * 80 + 4
     rois = torch.cat([torch.randint(0, 2, (64, 1), generator=g).float(), xy, xy + wh], dim=1)
-    offsets = torch.randn(64, 7, 7, 2, generator=g) * 3
+    offsets = torch.randn(64, 7, 7, 2, generator=g) * 0.05  # of the RoI's extent
     return features, rois, offsets
 
 
-def test_deform_roi_pool_on_cuda_equals_cpu_forward_and_backward():
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_deform_roi_pool_on_cuda_equals_cpu_forward_and_backward(rule):
     features, rois, offsets = _inputs()
     results = {}
     for device in ("cpu", "cuda"):
         f = features.to(device, copy=True).requires_grad_(True)
         o = offsets.to(device, copy=True).requires_grad_(True)
-        out = deform_roi_pool(f, rois.to(device), o, 7, 0.25, 2)
+        out = deform_roi_pool(f, rois.to(device), o, 7, 0.25, 4, RULES[rule])
         out.pow(2).sum().backward()
         results[device] = [t.detach().cpu() for t in (out, f.grad, o.grad)]
     for cpu, gpu in zip(results["cpu"], results["cuda"], strict=True):
         torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["aligned", "authors_deform"])
+def test_float64_pooling_on_cuda_equals_the_loop_reference(rule):
+    features, rois, offsets = _border_case()
+    got = deform_roi_pool(features.to(CUDA), rois.to(CUDA), offsets.to(CUDA), 3, 0.5, 4, RULES[rule]).cpu()
+    if rule == "aligned":
+        expected = ref.roi_align(features, rois, offsets, 3, 0.5, 4, aligned=True)
+    else:
+        expected = ref.authors_deform(features, rois, offsets, 3, 0.5, 4)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
 def test_zero_offsets_equal_roi_align_on_cuda():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -101,11 +102,11 @@ def test_tsd_regression_is_decoded_against_the_translated_proposal():
     batch, _ = model.transform([i.float() / 255 for i in images])
     features = model.backbone(batch.tensors)
     proposals = [torch.tensor([[10.0, 10, 50, 90]]), torch.tensor([[0.0, 0, 20, 40]])]
-    out = stage.run(features, proposals, batch.image_sizes, with_sibling=False)
+    out = stage.run(features, proposals, with_sibling=False).main
     expected = torch.tensor([[12.0, 8, 52, 88], [1.0, -1, 21, 39]])  # gamma .1 * (w, h) * (.5, -.25)
-    torch.testing.assert_close(out["reg_boxes"], expected)
-    zero = out["deltas"] * 0
-    decoded = stage.decode({**out, "deltas": zero})
+    torch.testing.assert_close(out.reg_boxes, expected)
+    torch.testing.assert_close(out.geometry.boxes_r, expected)
+    decoded = stage.decode(dataclasses.replace(out, deltas=out.deltas * 0))
     torch.testing.assert_close(decoded[:, 0], expected)
 
 
@@ -124,7 +125,7 @@ def test_delta_r_gradient_through_regression_targets_is_a_switch(through_targets
     assert (grad is not None and grad.abs().sum() > 0) == through_targets
 
 
-def test_cascade_trains_with_stage_losses_and_averages_stages_at_test():
+def test_cascade_trains_with_stage_losses():
     model = build_model(tiny_model_config("cascade.enabled=true", "cascade.stage_weights=[1.0,0.5,0.25]"))
     images, targets = toy_batch()
     model.train()
@@ -133,10 +134,84 @@ def test_cascade_trains_with_stage_losses_and_averages_stages_at_test():
         assert {f"loss_tsd_cls_s{i}", f"loss_tsd_box_s{i}", f"loss_pc_cls_s{i}", f"loss_pc_loc_s{i}"} <= set(losses)
     assert all(math.isfinite(v.item()) for v in losses.values())
     sum(losses.values()).backward()
-    model.eval()
+
+
+@pytest.mark.parametrize("average", ["logits", "probs"])
+def test_cascade_combines_the_stages_scores_as_configured(average, monkeypatch):
+    """The authors average the stages' logits and take one softmax; "probs" averages the softmax
+    scores. The scores that reach post-processing are checked against the stages' own logits."""
+    import tsd_model.roi_heads as roi_heads_module
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config("cascade.enabled=true", f"cascade.score_average={average}")).eval()
+    for stage in model.roi_heads.stages:  # distinct, confident stages, so that the two rules differ
+        torch.nn.init.normal_(stage.tsd.branches.cls_score.weight, std=0.5)
+    stage_logits, post_scores = [], []
+    for stage in model.roi_heads.stages:
+        stage.tsd.register_forward_hook(lambda m, i, out: stage_logits.append(out.logits.detach().float()))
+    real = roi_heads_module.postprocess_detections
+    monkeypatch.setattr(roi_heads_module, "postprocess_detections",
+                        lambda b, s, size, cfg: post_scores.append(s) or real(b, s, size, cfg))
+    images, _ = toy_batch()
     with torch.no_grad():
-        out = model(images)
-    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+        model(images)
+    assert len(stage_logits) == 3
+    mean_logits = torch.softmax(sum(stage_logits) / 3, dim=1)
+    mean_probs = sum(torch.softmax(x, dim=1) for x in stage_logits) / 3
+    expected, other = (mean_logits, mean_probs) if average == "logits" else (mean_probs, mean_logits)
+    got = torch.cat(post_scores)
+    torch.testing.assert_close(got, expected)
+    assert (got - other).abs().max() > 1e-3  # the two rules are told apart by this test
+
+
+def _stage_boxes_and_labels(model, images, targets):
+    """What the second cascade stage is given in training, with the first stage's labels."""
+    seen = {}
+    stage0, stage1 = model.roi_heads.stages[:2]
+    real_sample = stage0.sample
+    stage0.sample = lambda p, t: seen.setdefault("sampled", real_sample(p, t))
+    stage1.sample = lambda p, t: seen.setdefault("proposals", p) and stage1.__class__.sample(stage1, p, t)
+    model.train()
+    model(images, targets)
+    return seen["sampled"], seen["proposals"]
+
+
+@pytest.mark.parametrize("drop_gt", [True, False])
+def test_cascade_training_refines_without_the_gt_proposals_and_clips_to_the_image(drop_gt):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config("cascade.enabled=true", f"cascade.drop_gt_before_refine={str(drop_gt).lower()}"))
+    with torch.no_grad():  # large deltas: refined boxes leave the image unless clipped
+        model.roi_heads.stages[0].tsd.branches.bbox_pred.bias.fill_(3.0)
+    images, targets = toy_batch()
+    sampled, refined = _stage_boxes_and_labels(model, images, targets)
+    for i, (boxes, image) in enumerate(zip(refined, images, strict=True)):
+        n_gt_sampled = int(sampled.from_gt.split(sampled.counts)[i].sum())
+        assert n_gt_sampled > 0  # the gt boxes were sampled as positives...
+        expected = sampled.counts[i] - (n_gt_sampled if drop_gt else 0)
+        assert len(boxes) == expected  # ...and not passed on when dropped
+        h, w = image.shape[-2:]  # the toy images are not resized above their size (min_size 160)
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+    assert sampled.from_gt.sum() > 0
+
+
+def test_cascade_test_refines_with_the_argmax_over_all_classes_background_included():
+    from tsd_model.heads import HeadOutput
+    from tsd_model.roi_heads import RoIHeads, StageOutput
+
+    model = build_model(tiny_model_config("cascade.enabled=true"))
+    heads: RoIHeads = model.roi_heads
+    stage = heads.stages[0]
+    logits = torch.tensor([[5.0, 1.0, 2.0] + [0.0] * 10, [0.0, 1.0, 4.0] + [0.0] * 10])  # RoI 0: background wins
+    deltas = torch.zeros(2, 13, 4)
+    deltas[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # background's deltas grow the box
+    boxes = torch.tensor([[10.0, 10, 30, 30], [40.0, 40, 60, 60]])
+    out = StageOutput(None, HeadOutput(logits, deltas, boxes))
+    refined = heads.refine(stage, out, [(100, 100)], [2])[0]
+    assert (refined[0, 2:] - refined[0, :2] > 20.0).all()  # RoI 0 moved by background's deltas (w * e^{0.2})
+    torch.testing.assert_close(refined[1], boxes[1])  # RoI 1 by class 2's zero deltas
+    heads.refine_with_background = False
+    refined = heads.refine(stage, out, [(100, 100)], [2])[0]
+    torch.testing.assert_close(refined[0], boxes[0])  # RoI 0 by class 2 (best foreground): zero deltas
 
 
 @pytest.mark.parametrize("head", ["sibling", "double"])
@@ -211,6 +286,25 @@ def test_tta_merges_scales_and_flips():
     for o, image in zip(out, images, strict=True):
         assert len(o["boxes"]) == 30 and (o["boxes"][:, 2] <= image.shape[-1] + 1e-3).all()
     assert model.transform.min_size == (160,)  # restored
+
+
+def test_tta_mirrors_the_flipped_pass_back():
+    """TTA of a mirrored image is the mirror of TTA of the image: the flipped pass's boxes were mapped
+    back (without that, both would be the same set of unmirrored boxes)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config()).eval()
+    image = toy_batch()[0][0]
+    test = TestConfig(score_thresh=0.0, max_detections=40)
+    plain = model.detect_tta([image], scales=[160], flip=True, test=test)[0]
+    mirrored = model.detect_tta([image.flip(-1)], scales=[160], flip=True, test=test)[0]
+    w = image.shape[-1]
+    b = plain["boxes"]
+    mirror = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+    order_a = torch.argsort(plain["scores"] * 1000 + plain["labels"])
+    order_b = torch.argsort(mirrored["scores"] * 1000 + mirrored["labels"])
+    torch.testing.assert_close(mirrored["scores"][order_b], plain["scores"][order_a], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mirrored["boxes"][order_b], mirror[order_a], atol=1e-3, rtol=1e-4)
+    assert (mirror - b).abs().max() > 1.0  # not symmetric by accident
 
 
 def test_backbone_weights_load_by_name_and_errors_are_clear(tmp_path):

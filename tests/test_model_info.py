@@ -31,7 +31,7 @@ def test_oid_configs_use_500_classes_and_the_oid_anchors(capsys):
     from pipeline.config import load_config
     from tsd_model.build import build_model
 
-    model = build_model(load_config(REPO / "configs" / "faster_rcnn_r50_fpn_tsd_oid.yaml").model)
+    model = build_model(load_config(REPO / "configs" / "faster_rcnn_r50_fpn_tsd_oid.yaml").model, load_weights=False)
     stage = model.roi_heads.stages[0]
     assert stage.tsd.branches.cls_score.out_features == 501
     assert model.rpn.anchor_generator.num_anchors_per_location() == [18] * 5

@@ -1,4 +1,5 @@
-"""Deformable RoI pooling: equals roi_align with zero offsets, gradients check out, offsets move samples."""
+"""Deformable RoI pooling: every sampling rule equals a loop transcription of its kernel (forward and
+gradients, non-zero offsets, borders), the aligned rule equals roi_align with zero offsets."""
 
 from __future__ import annotations
 
@@ -6,7 +7,19 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from tsd_model.ops import MultiScaleDeformRoIPool, deform_roi_pool, fpn_levels, rois_of
+from tests import pooling_reference as ref
+from tsd_model.ops import (
+    ALIGNED,
+    AUTHORS_DEFORM,
+    MMDET_V1_ROI_ALIGN,
+    TORCHVISION_LEGACY,
+    MultiScaleDeformRoIPool,
+    deform_roi_pool,
+    fpn_levels,
+    rois_of,
+)
+
+STRIDES = [4, 8, 16, 32]
 
 
 def _rois(n: int, dtype=torch.float32, seed: int = 0, size: float = 100.0) -> torch.Tensor:
@@ -28,15 +41,78 @@ def test_zero_offsets_equal_roi_align(dtype, tol, sampling):
         assert got.dtype == dtype and got.shape == (30, 8, 7, 7)
         assert got.is_contiguous(memory_format=torch.channels_last)  # what the heads' first fc reads
         torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+    legacy = roi_align(features, rois, 7, spatial_scale=0.25, sampling_ratio=sampling, aligned=False)
+    torch.testing.assert_close(deform_roi_pool(features, rois, None, 7, 0.25, sampling, TORCHVISION_LEGACY), legacy,
+                               atol=tol, rtol=0)
 
 
-def test_gradcheck_features_and_offsets():
+def _reference(rule, features, rois, offsets, k, scale, s):
+    if rule is AUTHORS_DEFORM:
+        return ref.authors_deform(features, rois, offsets, k, scale, s)
+    return ref.roi_align(features, rois, offsets, k, scale, s, aligned=rule is ALIGNED,
+                         plus_one=rule is MMDET_V1_ROI_ALIGN)
+
+
+def _border_case(seed: int = 7):
+    """Small maps; RoIs inside, across every border and partly beyond, tiny ones; offsets of ~0.3 of
+    the box, so that samples leave the map."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=g)
+    rois = torch.tensor([[0, 3.3, 4.1, 20.7, 25.2], [1, 10.2, 2.5, 30.9, 18.4], [0, -6.1, 1.7, 12.3, 30.6],
+                         [1, 30.4, 20.2, 47.9, 39.6], [0, 14.6, 14.4, 15.1, 15.3], [1, -3.5, -2.5, 50.2, 41.5]],
+                        dtype=torch.float64)
+    offsets = torch.randn(len(rois), 3, 3, 2, dtype=torch.float64, generator=g) * 0.3
+    return features, rois, offsets
+
+
+@pytest.mark.parametrize("rule", [ALIGNED, TORCHVISION_LEGACY, MMDET_V1_ROI_ALIGN, AUTHORS_DEFORM], ids=lambda r: r.name)
+@pytest.mark.parametrize("s", [2, 4])
+def test_every_rule_equals_its_loop_reference_with_offsets(rule, s):
+    features, rois, offsets = _border_case()
+    features.requires_grad_()
+    offsets.requires_grad_()
+    got = deform_roi_pool(features, rois, offsets, 3, 0.5, s, rule)
+    expected = _reference(rule, features, rois, offsets, 3, 0.5, s)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (features, offsets), upstream)
+    expected_grads = torch.autograd.grad(expected, (features, offsets), upstream)
+    for name, a, b in zip(("features", "offsets"), grads, expected_grads, strict=True):
+        assert b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+    zero = torch.zeros_like(offsets)
+    torch.testing.assert_close(deform_roi_pool(features, rois, zero, 3, 0.5, s, rule),
+                               _reference(rule, features, rois, zero, 3, 0.5, s), atol=1e-12, rtol=0)
+
+
+def test_the_authors_rule_differs_from_roi_align_plus_offsets():
+    """What ``tsd.pooling`` chooses between: the same offsets give clearly different features."""
+    features, rois, offsets = _border_case(11)
+    aligned = deform_roi_pool(features, rois, offsets, 3, 0.5, 4, ALIGNED)
+    authors = deform_roi_pool(features, rois, offsets, 3, 0.5, 4, AUTHORS_DEFORM)
+    assert (aligned - authors).abs().max() > 0.3
+
+
+def test_the_authors_rule_averages_only_the_samples_inside():
+    """A bin whose samples half leave the map averages the half that stays (not a division by s^2)."""
+    features = torch.arange(1.0, 17.0, dtype=torch.float64).view(1, 1, 4, 4)
+    # round(0) - 0.5 = -0.5 .. round(3) + 1 - 0.5 = 3.5: a 4-pixel RoI, one bin, 2x2 samples at -0.5 and 1.5
+    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]], dtype=torch.float64)
+    shift_left = torch.tensor([-0.25, 0.0], dtype=torch.float64).view(1, 1, 1, 2)  # a pixel left: x = -1.5, 0.5
+    out = deform_roi_pool(features, rois, shift_left, 1, 1.0, 2, AUTHORS_DEFORM)
+    # samples kept: x = 0.5 at y = 0 (clamped from -0.5) and y = 1.5 -> mean of f(0, .5) and f(1.5, .5)
+    expected = ((1.0 + 2.0) / 2 + (5.0 + 6.0 + 9.0 + 10.0) / 4) / 2
+    assert out.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("rule", [ALIGNED, AUTHORS_DEFORM], ids=lambda r: r.name)
+def test_gradcheck_features_and_offsets(rule):
     g = torch.Generator().manual_seed(3)
     features = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=g, requires_grad=True)
     rois = torch.tensor([[0, 3.3, 4.1, 20.7, 25.2], [1, 10.2, 2.5, 30.9, 18.4], [0, 1.1, 1.7, 12.3, 30.6]],
                         dtype=torch.float64)
-    offsets = (torch.randn(3, 3, 3, 2, dtype=torch.float64, generator=g) * 2).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda f, o: deform_roi_pool(f, rois, o, 3, 0.5, 2), (features, offsets),
+    offsets = (torch.randn(3, 3, 3, 2, dtype=torch.float64, generator=g) * 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f, o: deform_roi_pool(f, rois, o, 3, 0.5, 2, rule), (features, offsets),
                                     eps=1e-6, atol=1e-5)
 
 
@@ -44,7 +120,8 @@ def test_a_whole_grid_shift_equals_pooling_the_translated_box():
     features = torch.randn(1, 4, 32, 32, dtype=torch.float64)
     rois = torch.tensor([[0, 20.0, 24.0, 60.0, 70.0]], dtype=torch.float64)
     shift = torch.tensor([6.5, -3.25], dtype=torch.float64)
-    moved = deform_roi_pool(features, rois, shift.expand(1, 7, 7, 2), 7, 0.25, 2)
+    relative = shift / torch.tensor([40.0, 46.0], dtype=torch.float64)  # offsets are in units of the RoI's extent
+    moved = deform_roi_pool(features, rois, relative.expand(1, 7, 7, 2), 7, 0.25, 2)
     translated = rois.clone()
     translated[0, 1:] += shift.repeat(2)
     torch.testing.assert_close(moved, deform_roi_pool(features, translated, None, 7, 0.25, 2))
@@ -54,7 +131,7 @@ def test_per_bin_offsets_move_only_their_bin():
     features = torch.randn(1, 2, 32, 32, dtype=torch.float64)
     rois = torch.tensor([[0, 20.0, 20.0, 90.0, 90.0]], dtype=torch.float64)
     offsets = torch.zeros(1, 7, 7, 2, dtype=torch.float64)
-    offsets[0, 2, 5] = torch.tensor([8.0, 4.0])
+    offsets[0, 2, 5] = torch.tensor([0.1, 0.05])  # of the RoI's 70 pixels: 7 and 3.5
     base = deform_roi_pool(features, rois, None, 7, 0.25, 2)
     moved = deform_roi_pool(features, rois, offsets, 7, 0.25, 2)
     changed = (moved - base).abs().sum(dim=1)[0] > 1e-9
@@ -75,10 +152,10 @@ def test_multilevel_pool_equals_roi_align_at_each_boxs_level():
     sizes = {"0": 64, "1": 32, "2": 16, "3": 8}
     features = {k: torch.randn(2, 4, s, s, generator=g) for k, s in sizes.items()}
     boxes = [torch.tensor([[4.0, 4, 30, 40], [10, 20, 200, 250]]), torch.tensor([[50.0, 60, 160, 130]])]
-    pool = MultiScaleDeformRoIPool(list(sizes), 7, 2)
-    table = pool.table(features, (256, 256))
+    pool = MultiScaleDeformRoIPool(list(sizes), STRIDES, 7, 2)
+    table = pool.table(features)
     rois = rois_of(boxes)
-    levels = table.levels_of(rois[:, 1:])
+    levels = pool.levels_of(table, rois[:, 1:])
     plain = pool(table, rois, levels)
     zero = pool(table, rois, levels, offsets=torch.zeros(3, 7, 7, 2))
     torch.testing.assert_close(zero, plain)
@@ -105,11 +182,11 @@ def test_autocast_keeps_the_sampling_in_float32():
 def test_several_offset_sets_in_one_pass_equal_separate_passes():
     g = torch.Generator().manual_seed(5)
     features = {k: torch.randn(2, 4, s, s, generator=g) for k, s in {"0": 64, "1": 32, "2": 16, "3": 8}.items()}
-    pool = MultiScaleDeformRoIPool(list(features), 7, 2)
-    table = pool.table(features, (256, 256))
+    pool = MultiScaleDeformRoIPool(list(features), STRIDES, 7, 2)
+    table = pool.table(features)
     rois = rois_of([torch.tensor([[4.0, 4, 30, 40], [10, 20, 200, 250]]), torch.tensor([[50.0, 60, 160, 130]])])
     levels = table.levels_of(rois[:, 1:])
-    offsets = torch.randn(2, 3, 7, 7, 2, generator=g) * 5
+    offsets = torch.randn(2, 3, 7, 7, 2, generator=g) * 0.2
     both = pool(table, rois, levels, offsets)
     assert both.shape == (2, 3, 4, 7, 7)
     for v in range(2):

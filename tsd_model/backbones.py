@@ -20,6 +20,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from tsd_model.config import BackboneConfig
 from tsd_model.senet import senet154_body
 
+# every backbone's FPN maps that RoIs are pooled from (P2-P5) and their strides; P6 ('pool') is the RPN's only
+ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
+ROI_FEATURE_STRIDES = [4, 8, 16, 32]
+
 RESNET_LAYOUTS = {
     "resnet50": ([3, 4, 6, 3], 1, 64),
     "resnet101": ([3, 4, 23, 3], 1, 64),

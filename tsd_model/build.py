@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from tsd_model.backbones import build_backbone
+from tsd_model.backbones import ROI_FEATURE_MAPS, ROI_FEATURE_STRIDES, build_backbone
+from tsd_model.boxes import box_coder
 from tsd_model.config import ModelConfig
 from tsd_model.detector import TSDDetector
-from tsd_model.roi_heads import RoIHeads
+from tsd_model.heads import DoubleHead, SiblingHead, TSDHead
+from tsd_model.ops import AUTHORS_DEFORM, RULES, MultiScaleDeformRoIPool
+from tsd_model.roi_heads import RoIHeads, RoIStage
 from tsd_model.rpn import PerImageLossRPN
 from tsd_model.weights import load_backbone_weights, load_checkpoint
 
@@ -21,7 +25,52 @@ def anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
     return AnchorGenerator(sizes, ratios)
 
 
-def build_model(cfg: ModelConfig) -> TSDDetector:
+def build_stage(cfg: ModelConfig, in_channels: int, stds: list[float], fg_iou: float, bg_iou: float,
+                class_agnostic: bool, name_suffix: str = "") -> RoIStage:
+    """One Fast R-CNN stage with the head ``cfg.roi.head`` (and TSD's jointly trained sibling)."""
+    roi, tsd = cfg.roi, cfg.tsd
+    k = roi.pool_size
+    num_outputs = cfg.num_classes + 1
+    num_reg = 1 if class_agnostic else num_outputs
+    pool = MultiScaleDeformRoIPool(ROI_FEATURE_MAPS, ROI_FEATURE_STRIDES, k, roi.sampling_ratio, RULES[roi.pooling])
+    sibling = None
+    if roi.head == "sibling" or (roi.head == "tsd" and tsd.joint_sibling):
+        sibling = SiblingHead(in_channels, k, roi.representation_size, num_outputs, num_reg, roi.fc_init)
+    if roi.head == "sibling":
+        head, sibling = sibling, None
+    elif roi.head == "double":
+        head = DoubleHead(in_channels, k, roi.representation_size, num_outputs, num_reg, roi.fc_init)
+    else:
+        deform_rule = AUTHORS_DEFORM if tsd.pooling == "authors" else RULES["aligned"]
+        deform_pool = MultiScaleDeformRoIPool(ROI_FEATURE_MAPS, ROI_FEATURE_STRIDES, k, tsd.samples_per_bin,
+                                              deform_rule)
+        head = TSDHead(in_channels, k, roi.representation_size, num_outputs, num_reg, tsd.offset_hidden, tsd.gamma,
+                       deform_pool, tsd.offset_init, roi.fc_init)
+    with_pc = roi.head == "tsd" and sibling is not None
+    return RoIStage(
+        head, pool, box_coder(stds), det_utils.Matcher(fg_iou, bg_iou, allow_low_quality_matches=False),
+        det_utils.BalancedPositiveNegativeSampler(roi.batch_size_per_image, roi.positive_fraction),
+        sibling=sibling, add_gt_as_proposals=roi.add_gt_as_proposals, smooth_l1_beta=roi.smooth_l1_beta,
+        pc_cls_margin=tsd.margin_cls if with_pc and tsd.pc_cls else None,
+        pc_loc_margin=tsd.margin_loc if with_pc and tsd.pc_loc else None,
+        delta_r_grad_through_targets=tsd.delta_r_grad_through_targets, name_suffix=name_suffix)
+
+
+def build_roi_heads(cfg: ModelConfig, in_channels: int) -> RoIHeads:
+    """One stage (Faster R-CNN) or the cascade of ``cfg.cascade`` (Cascade R-CNN)."""
+    c = cfg.cascade
+    if not c.enabled:
+        stage = build_stage(cfg, in_channels, cfg.roi.target_stds, cfg.roi.fg_iou, cfg.roi.bg_iou, class_agnostic=False)
+        return RoIHeads([stage], [1.0], cfg.test)
+    stages = [build_stage(cfg, in_channels, stds, iou, iou, c.class_agnostic, name_suffix=f"_s{i}")
+              for i, (stds, iou) in enumerate(zip(c.stage_stds, c.iou_thresholds, strict=True))]
+    return RoIHeads(stages, list(c.stage_weights), cfg.test, score_average=c.score_average,
+                    refine_with_background=c.refine_with_background, drop_gt_before_refine=c.drop_gt_before_refine,
+                    clip_refined=c.clip_refined)
+
+
+def build_model(cfg: ModelConfig, load_weights: bool = True) -> TSDDetector:
+    """The detector of ``cfg``; with ``load_weights``, the weights files it names are loaded (local paths)."""
     backbone = build_backbone(cfg.backbone)
     anchors = anchor_generator(cfg)
     r = cfg.rpn
@@ -34,10 +83,10 @@ def build_model(cfg: ModelConfig) -> TSDDetector:
         nms_thresh=r.nms_iou)
     i = cfg.input
     transform = GeneralizedRCNNTransform(i.min_size, i.max_size, i.mean, i.std, size_divisible=i.size_divisible)
-    model = TSDDetector(transform, backbone, rpn, RoIHeads(cfg, backbone.out_channels))
-    if cfg.weights.backbone:
+    model = TSDDetector(transform, backbone, rpn, build_roi_heads(cfg, backbone.out_channels))
+    if load_weights and cfg.weights.backbone:
         load_backbone_weights(model, cfg.weights.backbone)
-    if cfg.weights.checkpoint:
+    if load_weights and cfg.weights.checkpoint:
         load_checkpoint(model, cfg.weights.checkpoint)
     return model
 
@@ -45,4 +94,4 @@ def build_model(cfg: ModelConfig) -> TSDDetector:
 def modules_skipped_at_inference(model: TSDDetector) -> list[str]:
     """Names of the modules that are trained but not run at inference: TSD's sibling heads."""
     return sorted(f"roi_heads.stages.{i}.sibling" for i, stage in enumerate(model.roi_heads.stages)
-                  if stage.sibling is not None and stage.head_type != "sibling")
+                  if stage.joint_sibling)

@@ -1,8 +1,11 @@
 """Model configuration: every architectural choice of the detector, with the paper's defaults.
 
 ``num_classes`` counts foreground classes (COCO 80, OID 500); the heads add background, so the
-COCO heads have 81 outputs. Choices the paper leaves open are explicit fields whose default is
-the TSD authors' behaviour, with a comment saying so.
+COCO heads have 81 outputs. Choices the paper leaves open are explicit fields. Where the TSD
+authors' code (Sense-X/TSD) did something else than the default, the field offers their choice
+by name and its comment says which it is; the paper configs in ``configs/`` select the authors'
+choices, and the README lists every default that differs and why. Only ``build.py`` reads
+this config: the modules take explicit constructor arguments.
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ class RoIConfig:
     head: Literal["sibling", "double", "tsd"] = "tsd"
     pool_size: int = 7
     sampling_ratio: int = 2
+    # how P is pooled: roi_align(aligned=True); torchvision's Faster R-CNN (roi_align aligned=False);
+    # or mmdetection v1's RoIAlign (extent x2 + 1 - x1, sizes + 1 for the level), the TSD authors'
+    pooling: Literal["aligned", "torchvision_legacy", "mmdet_v1_roi_align"] = "aligned"
     representation_size: int = 1024  # width of the 2fc branches
+    fc_init: Literal["pytorch_default", "kaiming_normal"] = "pytorch_default"  # authors: kaiming_normal (a=1)
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     fg_iou: float = 0.5
@@ -58,7 +65,11 @@ class RoIConfig:
 class TSDConfig:
     gamma: float = 0.1  # offsets in units of the proposal's (w, h)
     offset_hidden: int = 256  # shared first fc and the hidden layer of the dC/dR nets
+    # how P-hat-c / P-hat-r are pooled: "aligned" = roi_align(aligned=True) plus offsets (P-hat = P at
+    # zero offsets); "authors" = mmdetection v1's deformable RoI pooling (ops.AUTHORS_DEFORM)
+    pooling: Literal["aligned", "authors"] = "aligned"
     samples_per_bin: int = 2  # s x s bilinear samples averaged per bin (the authors used 4x4)
+    offset_init: Literal["kaiming_normal", "zero"] = "zero"  # authors: kaiming_normal (offsets start random)
     joint_sibling: bool = True  # train the classical sibling head jointly (dropped at inference)
     pc_cls: bool = True  # progressive constraint on classification (Mcls)
     pc_loc: bool = True  # progressive constraint on localization (Mloc)
@@ -74,13 +85,19 @@ class CascadeConfig:
     stage_stds: list[list[float]] = field(default_factory=lambda: [
         [0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]])
     stage_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # TSD authors; classical 1/.5/.25
+    class_agnostic: bool = False  # the TSD authors regress class-specific boxes in every stage
+    score_average: Literal["logits", "probs"] = "logits"  # authors: stage logits averaged, then softmax
+    refine_with_background: bool = True  # authors: refine with the argmax over all classes (test) / the
+    #                                      target label, background included (train)
+    drop_gt_before_refine: bool = True  # authors: the gt boxes added as proposals are not refined
+    clip_refined: bool = True  # authors: refined boxes are clipped to the image
 
 
 @dataclass
 class TestConfig:
     __test__ = False  # not a pytest test class
 
-    score_thresh: float = 0.05
+    score_thresh: float = 0.05  # the authors: 0.01 for OID, 0.0 for COCO (what the paper configs use)
     nms: Literal["nms", "soft_linear", "soft_gaussian"] = "nms"
     nms_iou: float = 0.5
     soft_nms_sigma: float = 0.5
@@ -100,8 +117,9 @@ class InputConfig:
 
 @dataclass
 class WeightsConfig:
-    backbone: str | None = None  # local ImageNet weights (torchvision or timm names); never downloaded
-    checkpoint: str | None = None  # a full detector checkpoint (ours)
+    backbone: str | None = None  # ImageNet weights (torchvision or timm names), a local path or s3://; never downloaded
+    checkpoint: str | None = None  # a full detector checkpoint (ours, or converted by `tsd weights convert`)
+    from_scratch: bool = False  # `tsd train` refuses an ImageNet backbone without weights unless this says so
 
 
 @dataclass

@@ -1,14 +1,28 @@
 """Deformable RoI pooling in pure PyTorch: the pooling behind P, TSD's P-hat-c and P-hat-r.
 
-Each of the k x k bins of a RoI is shifted by its own offset (in input-image pixels) and sampled
-bilinearly at a fixed s x s grid of points, which are averaged. The sampling follows
-``torchvision.ops.roi_align(aligned=True, sampling_ratio=s)`` exactly (sample j of a bin at
-``x1 * scale - 0.5 + (j + 0.5) / s * bin_w``; samples more than one pixel outside the map count
-as zero, those within it are clamped to the border), so that with zero offsets both agree.
+Each of the k x k bins of a RoI is shifted by its own offset and sampled bilinearly at a fixed
+s x s grid of points, which are averaged. Where the samples lie, how a RoI's extent is measured
+and what happens at the border is a ``SamplingRule``; four are used, each equal to a kernel that
+users know (tested against float64 loop transcriptions of those kernels):
+
+- ``ALIGNED``: ``torchvision.ops.roi_align(aligned=True)`` (sample j of a bin at
+  ``x1 * scale - 0.5 + (j + 0.5) / s * bin_w``; samples more than one pixel outside the map count
+  as zero, those within it are clamped to the border); with zero offsets P-hat = P exactly.
+- ``TORCHVISION_LEGACY``: ``roi_align(aligned=False)``, torchvision's Faster R-CNN (no half-pixel
+  shift, extent at least one pixel).
+- ``MMDET_V1_ROI_ALIGN``: mmdetection v1's RoIAlign, the TSD authors' P (extent ``x2 + 1 - x1``).
+- ``AUTHORS_DEFORM``: mmdetection v1's deformable RoI pooling, the TSD authors' P-hat-c and
+  P-hat-r: the RoI is rounded, ``x1' = round(x1) * scale - 0.5``, extent
+  ``(round(x2) + 1 - round(x1)) * scale`` (at least 0.1), sample j of a bin at ``j / s`` of it,
+  samples outside ``[-0.5, W - 0.5]`` are skipped and a bin averages the samples that remain.
+
+Offsets are given as the authors' op takes them: in units of the RoI's extent as its rule
+measures it (an offset of 0.1 moves a bin by a tenth of the RoI's width), ``[K, k, k, 2]``
+with x before y.
 
 How: every FPN level of every image is laid out as the rows of one channels-last ``[rows, C]``
 matrix (``FeatureTable``); each output bin is then a weighted sum of ``4 s^2`` rows (the corners
-of its bilinear samples, weights = bilinear weight / s^2), which is exactly what
+of its bilinear samples, weights = bilinear weight / number of samples), which is exactly what
 ``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes in one compiled kernel, on CPU
 and CUDA, for all RoIs, levels and images at once: no Python loop, no host-device sync, and its
 backward gives the features their gradient and, through the weights, the offsets theirs.
@@ -18,10 +32,65 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SamplingRule:
+    """Where a RoI's bins are sampled and how the border is treated; see the module docstring."""
+
+    name: str
+    round_box: bool  # round the RoI's corners to whole pixels first (half away from zero)
+    plus_one: bool  # the RoI ends at x2 + 1 (the legacy "+1" extent)
+    half_pixel: bool  # shift by -0.5: pixel centres at integer coordinates
+    min_extent: float  # the RoI's extent in feature pixels is at least this
+    centred_samples: bool  # sample j at (j + 0.5) / s of its bin, else at j / s
+    border: Literal["roi_align", "skip"]  # roi_align: zero beyond one pixel out, clamp within;
+    #                                        skip: drop samples outside [-0.5, size - 0.5], average the rest
+
+
+ALIGNED = SamplingRule("aligned", False, False, True, 0.0, True, "roi_align")
+TORCHVISION_LEGACY = SamplingRule("torchvision_legacy", False, False, False, 1.0, True, "roi_align")
+MMDET_V1_ROI_ALIGN = SamplingRule("mmdet_v1_roi_align", False, True, False, 0.0, True, "roi_align")
+AUTHORS_DEFORM = SamplingRule("authors_deform", True, True, True, 0.1, False, "skip")
+RULES = {r.name: r for r in (ALIGNED, TORCHVISION_LEGACY, MMDET_V1_ROI_ALIGN, AUTHORS_DEFORM)}
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C's ``round``, as the CUDA kernels use it (``torch.round`` rounds half to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def roi_extent(boxes: Tensor, scale: Tensor | float, rule: SamplingRule) -> tuple[Tensor, Tensor]:
+    """Start ``[K, 2]`` and extent ``[K, 2]`` (x, y) of ``[K, 4]`` boxes in feature pixels under ``rule``."""
+    if rule.round_box:
+        boxes = _round_half_away(boxes)
+    end = boxes[:, 2:] + 1 if rule.plus_one else boxes[:, 2:]
+    shift = 0.5 if rule.half_pixel else 0.0
+    start = boxes[:, :2] * scale - shift
+    extent = ((end - boxes[:, :2]) * scale).clamp(min=rule.min_extent)
+    return start, extent
+
+
+def bin_centres(boxes: Tensor, offsets: Tensor | None, output_size: int, sampling_ratio: int,
+                rule: SamplingRule = ALIGNED) -> Tensor:
+    """``[K, k, k, 2]`` mean position of each (shifted) bin's samples in input-image pixels (x, y):
+    where P-hat-c looks, for drawing (paper Fig. 5)."""
+    start, extent = roi_extent(boxes, 1.0, rule)
+    k = output_size
+    t = (torch.arange(k, device=boxes.device, dtype=extent.dtype) + 0.5) / k  # [k]
+    if not rule.centred_samples:  # samples at j / s of the bin: their mean lies (s - 1) / 2s into it
+        t = t - 1.0 / (2 * k * sampling_ratio)
+    xs = start[:, None, 0] + t[None, :] * extent[:, None, 0] + (0.5 if rule.half_pixel else 0.0)
+    ys = start[:, None, 1] + t[None, :] * extent[:, None, 1] + (0.5 if rule.half_pixel else 0.0)
+    centres = torch.stack([xs[:, None, :].expand(-1, k, k), ys[:, :, None].expand(-1, k, k)], dim=-1)
+    if offsets is not None:
+        centres = centres + offsets.to(centres.dtype) * extent[:, None, None, :]
+    return centres
 
 
 @dataclass
@@ -55,23 +124,26 @@ class FeatureTable:
         return cls(rows, torch.tensor(bases, device=device), sizes, torch.tensor(scales, dtype=dtype, device=device),
                    int(round(-math.log2(scales[0]))))
 
-    def levels_of(self, boxes: Tensor) -> Tensor:
-        """The level (0 = finest) at which each ``[K, 4]`` box is pooled (FPN eq. 1)."""
-        return fpn_levels(boxes, self.k_min, self.k_min + len(self.scales) - 1)
+    def levels_of(self, boxes: Tensor, plus_one: bool = False) -> Tensor:
+        """The level (0 = finest) at which each ``[K, 4]`` box is pooled (FPN eq. 1); ``plus_one``
+        measures sizes as ``x2 - x1 + 1`` (mmdetection v1, the TSD authors)."""
+        return fpn_levels(boxes, self.k_min, self.k_min + len(self.scales) - 1, plus_one=plus_one)
 
 
 def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tensor | None, output_size: int,
-               sampling_ratio: int = 2) -> Tensor:
+               sampling_ratio: int = 2, rule: SamplingRule = ALIGNED) -> Tensor:
     """Pool ``[K, C, k, k]`` features of RoIs whose bins are shifted by ``offsets``.
 
     Args:
         table: the feature maps (``FeatureTable.build``).
         rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image pixels.
         levels: ``[K]`` level index of each RoI in ``table``.
-        offsets: ``[K, k, k, 2]`` per-bin ``(dx, dy)`` in input-image pixels, or None (plain RoIAlign),
-            or ``[V, K, k, k, 2]``: V sets of offsets for the same RoIs, pooled in one pass.
+        offsets: ``[K, k, k, 2]`` per-bin ``(dx, dy)`` in units of the RoI's extent (``roi_extent``),
+            or None (plain RoI pooling), or ``[V, K, k, k, 2]``: V sets of offsets for the same RoIs,
+            pooled in one pass.
         output_size: k.
         sampling_ratio: s >= 1; each bin averages s x s bilinear samples.
+        rule: where the samples lie and how the border is treated (``SamplingRule``).
     Returns:
         ``[K, C, k, k]`` (``[V, K, C, k, k]`` for V offset sets) in the table's dtype: float32,
         also under autocast (the sampling math never runs in half precision). The memory is
@@ -93,18 +165,22 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
     first_row = table.base[levels] + rois[:, 0].long() * size[:, 0] * size[:, 1]
     # x and y are handled together in a last dim of 2. A sample's x depends on its bin and its
     # column in the bin, never on its row (and y the other way round): [K, k, k, s, 2]
-    t = ((torch.arange(k * s, device=rois.device, dtype=dtype) + 0.5) / s).view(k, s)  # bin units
-    start = rois[:, 1:3] * scale - 0.5  # [K, 2]
-    bin_size = (rois[:, 3:5] - rois[:, 1:3]) * (scale / k)
-    along = start[:, None, :] + t.reshape(-1, 1) * bin_size[:, None, :]  # [K, k*s, 2]
+    t = ((torch.arange(k * s, device=rois.device, dtype=dtype) + (0.5 if rule.centred_samples else 0.0)) / s)
+    start, extent = roi_extent(rois[:, 1:], scale, rule)  # [K, 2] each, feature pixels
+    along = start[:, None, :] + t.view(-1, 1) * (extent / k)[:, None, :]  # [K, k*s, 2]
     along = along.view(num, k, s, 2)
     coord = torch.stack([along[:, None, :, :, 0].expand(num, k, k, s),  # x: from the bin's column
                          along[:, :, None, :, 1].expand(num, k, k, s)], dim=-1)  # y: from its row
     if offsets is not None:
-        coord = coord + (offsets.to(dtype) * scale[:, :, None, None])[..., None, :]  # [V?, K, k, k, s, 2]
+        coord = coord + (offsets.to(dtype) * extent[:, None, None, :])[..., None, :]  # [V?, K, k, k, s, 2]
     limit = size.view(num, 1, 1, 1, 2)
     last = (limit - 1).to(dtype)
-    inside = ((coord >= -1) & (coord <= limit)).to(dtype)  # roi_align: further out counts as zero
+    if rule.border == "roi_align":
+        inside = ((coord >= -1) & (coord <= limit)).to(dtype)  # further out counts as zero
+        divisor = coord.new_full((), float(s))
+    else:  # skip samples outside [-0.5, size - 0.5]; a bin averages those that remain
+        inside = ((coord >= -0.5) & (coord <= limit - 0.5)).to(dtype)
+        divisor = inside.sum(dim=-2, keepdim=True).clamp(min=1)  # per bin and axis: rows x columns kept
     coord = coord.clamp(min=0)
     low = torch.minimum(coord.detach().floor(), last)
     coord = torch.where(low >= last, low, coord)  # on the last row / column: no interpolation
@@ -112,6 +188,7 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
     index_dtype = torch.int32 if table.rows.shape[0] < 2**31 else torch.int64  # rows as int32 where they fit
     low_i, limit_i = low.to(index_dtype), limit.to(index_dtype)
     near = torch.stack([low_i, torch.minimum(low_i + 1, limit_i - 1)], dim=-1)  # [V?, K, k, k, s, 2 (x/y), 2]
+    inside = inside / divisor  # a sample's share of its bin, per axis
     weight = torch.stack([(1 - frac) * inside, frac * inside], dim=-1)
     # A bin sums the 4 s^2 corners (row, weight) of its s x s samples; the order inside a bin does
     # not matter, so they form a (y sample, y corner) x (x sample, x corner) outer product of two
@@ -121,7 +198,7 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
              + near[..., 1, :] * limit_i[..., 0, None]).reshape(bins, 2 * s, 1)
     row_x = near[..., 0, :].reshape(bins, 1, 2 * s)
     weight_y = weight[..., 1, :].reshape(bins, 2 * s, 1)
-    weight_x = (weight[..., 0, :] / (s * s)).reshape(bins, 1, 2 * s)
+    weight_x = weight[..., 0, :].reshape(bins, 1, 2 * s)
     pooled = F.embedding_bag((row_y + row_x).view(bins, 4 * s * s), table.rows, mode="sum",
                              per_sample_weights=(weight_y * weight_x).view(bins, 4 * s * s))
     dims = len(lead)  # [V?, K, k, k, C] -> a [V?, K, C, k, k] view
@@ -130,21 +207,23 @@ def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tenso
 
 
 def deform_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None, output_size: int,
-                    spatial_scale: float, sampling_ratio: int = 2) -> Tensor:
+                    spatial_scale: float, sampling_ratio: int = 2, rule: SamplingRule = ALIGNED) -> Tensor:
     """Deformable RoI pooling on one feature map ``[N, C, H, W]`` (see ``pool_table``)."""
     table = FeatureTable.build([features], [spatial_scale])
     levels = torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
-    return pool_table(table, rois, levels, offsets, output_size, sampling_ratio)
+    return pool_table(table, rois, levels, offsets, output_size, sampling_ratio, rule)
 
 
 def fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224.0,
-               canonical_level: int = 4) -> Tensor:
+               canonical_level: int = 4, plus_one: bool = False) -> Tensor:
     """FPN level index (0 = finest) of each box: floor(k0 + log2(sqrt(area) / 224)), clamped.
 
     The rule of the FPN paper (eq. 1), as torchvision's LevelMapper and mmdetection apply it:
     a 224-pixel box maps to P4; TSD pools P-hat-c and P-hat-r at the level of their proposal P.
+    ``plus_one`` measures sides as ``x2 - x1 + 1`` (mmdetection v1).
     """
-    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0))
+    extra = 1.0 if plus_one else 0.0
+    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0] + extra).clamp(min=0) * (boxes[:, 3] - boxes[:, 1] + extra).clamp(min=0))
     level = torch.floor(canonical_level + torch.log2(scale / canonical_scale + 1e-6))
     return (level.clamp(min=k_min, max=k_max) - k_min).long()
 
@@ -152,26 +231,38 @@ def fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 2
 class MultiScaleDeformRoIPool(nn.Module):
     """Deformable RoI pooling over FPN levels, the level chosen from the proposal's own size.
 
-    Like ``torchvision.ops.MultiScaleRoIAlign`` (which it replaces for P, with ``aligned=True``
-    sampling so that P, P-hat-c and P-hat-r share one sampling grid): ``table`` infers each level's
-    scale from the feature and image sizes. The caller passes the levels, so that a derived box
-    (P-hat-c, P-hat-r) is pooled at the level of the proposal it came from.
+    Like ``torchvision.ops.MultiScaleRoIAlign`` (which it replaces for P), with the strides of the
+    levels given explicitly. ``table`` lays out the maps once per RoI-head run; the caller passes
+    the levels, so that a derived box (P-hat-c, P-hat-r) is pooled at the level of the proposal it
+    came from.
     """
 
-    def __init__(self, featmap_names: list[str], output_size: int = 7, sampling_ratio: int = 2) -> None:
+    def __init__(self, featmap_names: list[str], strides: list[int], output_size: int = 7,
+                 sampling_ratio: int = 2, rule: SamplingRule = ALIGNED) -> None:
         super().__init__()
+        if len(featmap_names) != len(strides):
+            raise ValueError(f"{len(featmap_names)} feature maps but {len(strides)} strides")
         self.featmap_names = list(featmap_names)
+        self.strides = list(strides)
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
+        self.rule = rule
 
-    def table(self, features: dict[str, Tensor], image_size: tuple[int, int]) -> FeatureTable:
-        maps = [features[name] for name in self.featmap_names]
-        scales = [2.0 ** round(math.log2(m.shape[-2] / image_size[0])) for m in maps]
-        return FeatureTable.build(maps, scales)
+    def table(self, features: dict[str, Tensor]) -> FeatureTable:
+        return FeatureTable.build([features[name] for name in self.featmap_names], [1.0 / s for s in self.strides])
+
+    def levels_of(self, table: FeatureTable, boxes: Tensor) -> Tensor:
+        """The level of each box under this pooling's size convention."""
+        return table.levels_of(boxes, plus_one=self.rule.plus_one)
 
     def forward(self, table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tensor | None = None) -> Tensor:
-        """``rois``: ``[K, 5]`` (batch index, box); ``offsets``: ``[K, k, k, 2]``; returns ``[K, C, k, k]``."""
-        return pool_table(table, rois, levels, offsets, self.output_size, self.sampling_ratio)
+        """``rois``: ``[K, 5]`` (batch index, box); ``offsets``: ``[K, k, k, 2]`` in units of the RoI's
+        extent; returns ``[K, C, k, k]``."""
+        return pool_table(table, rois, levels, offsets, self.output_size, self.sampling_ratio, self.rule)
+
+    def extra_repr(self) -> str:
+        return f"strides={self.strides}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, " \
+               f"rule={self.rule.name}"
 
 
 def rois_of(boxes: list[Tensor]) -> Tensor:

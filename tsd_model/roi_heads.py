@@ -1,73 +1,119 @@
-"""RoI heads: proposal sampling, the sibling / double / TSD heads, their losses, cascade stages.
+"""RoI heads: proposal sampling, running a head on the sampled RoIs, its losses, cascade stages.
 
-One ``RoIStage`` is a Fast R-CNN stage: it samples RoIs from proposals, pools their features and
-runs its head. With ``head="tsd"`` it also derives TSD's two task-specific proposals from each
-sampled proposal P (both predicted from P's RoI feature):
-
-- P-hat-c: P's k x k grid with every bin moved by ``gamma * dC * (w, h)``, pooled by deformable
-  RoI pooling, feeds the classification branch;
-- P-hat-r: P translated by ``gamma * dR * (w, h)``, feeds the regression branch, whose deltas are
-  encoded and decoded against P-hat-r.
-
-During training the classical sibling head runs on the same sampled RoIs (``tsd.joint_sibling``)
-and the progressive constraints compare the two; at inference the sibling is not computed.
-``RoIHeads`` chains one stage (Faster R-CNN) or several (Cascade R-CNN, each stage refining the
-previous stage's boxes without gradient between stages, scores averaged over stages at test).
+One ``RoIStage`` is a Fast R-CNN stage: it samples RoIs from proposals (``sample``), pools their
+features and runs its head (``run``: ``RoIFeatures`` in, ``HeadOutput`` out; TSD's head derives
+P-hat-c and P-hat-r itself, see ``heads.TSDHead``), and turns the outputs into named losses
+(``losses``). During training the classical sibling head runs on the same sampled RoIs (TSD's
+joint training) and the progressive constraints compare the two; at inference the sibling is not
+computed. ``RoIHeads`` chains one stage (Faster R-CNN) or several (Cascade R-CNN: each stage
+refines the previous stage's boxes without gradient between stages; at test the stages' scores
+are combined and the boxes come from the last stage).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, clip_boxes_to_image
 
 from tsd_model import losses as L
-from tsd_model.boxes import box_coder, box_wh, translate
-from tsd_model.config import ModelConfig
-from tsd_model.heads import DoubleHead, SiblingHead, TSDHead
+from tsd_model.boxes import BoxCoder
+from tsd_model.config import TestConfig
+from tsd_model.heads import DoubleHead, HeadOutput, RoIFeatures, SiblingHead, TSDHead
 from tsd_model.ops import MultiScaleDeformRoIPool, rois_of
 from tsd_model.postprocess import postprocess_detections
 
-FEATMAP_NAMES = ["0", "1", "2", "3"]
+# the attribute a stage keeps its main head under (the checkpoint's key names) and the loss names' prefix
+_HEAD_NAMES = {SiblingHead: ("sibling", "sibling"), DoubleHead: ("dhead", "double"), TSDHead: ("tsd", "tsd")}
+
+
+@dataclass
+class SampledRoIs:
+    """The RoIs a training stage learns from, and their targets."""
+
+    boxes: list[Tensor]  # per image [n_i, 4], network-input pixels
+    labels: Tensor  # [R] class index + 1, 0 = background
+    gt_boxes: Tensor  # [R, 4] the matched gt box (meaningful for positives only)
+    from_gt: Tensor  # [R] bool: a gt box added as a proposal
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(b) for b in self.boxes]
+
+
+@dataclass
+class StageOutput:
+    """One stage's run over RoIs: the main head's output, and the sibling's when it ran."""
+
+    rois: RoIFeatures
+    main: HeadOutput
+    sibling: HeadOutput | None = None
 
 
 class RoIStage(nn.Module):
-    def __init__(self, cfg: ModelConfig, in_channels: int, stds: list[float], fg_iou: float, bg_iou: float,
-                 class_agnostic: bool, name_suffix: str = "") -> None:
+    """A Fast R-CNN stage around one head (sibling, double or TSD), optionally with the sibling
+    head trained jointly (TSD) and the progressive constraints.
+
+    Args:
+        head: the head whose outputs are used at inference.
+        pool: the pooling of the proposals P (its strides name the FPN levels).
+        coder: box deltas against the head's ``reg_boxes``, with this stage's target stds.
+        matcher, sampler: torchvision's proposal matcher and balanced sampler.
+        sibling: the classical head trained alongside ``head`` (TSD's joint training), or None.
+        add_gt_as_proposals: gt boxes join the proposals in training.
+        smooth_l1_beta: of the box losses.
+        pc_cls_margin, pc_loc_margin: margins of Mcls / Mloc, None to leave a constraint out.
+        delta_r_grad_through_targets: dR also gets gradient through the targets coded against P-hat-r.
+        name_suffix: appended to every loss name (``_s1`` for a cascade's second stage).
+    """
+
+    def __init__(self, head: nn.Module, pool: MultiScaleDeformRoIPool, coder: BoxCoder, matcher: det_utils.Matcher,
+                 sampler: det_utils.BalancedPositiveNegativeSampler, *, sibling: SiblingHead | None = None,
+                 add_gt_as_proposals: bool = True, smooth_l1_beta: float = 1.0, pc_cls_margin: float | None = None,
+                 pc_loc_margin: float | None = None, delta_r_grad_through_targets: bool = True,
+                 name_suffix: str = "") -> None:
         super().__init__()
-        roi, tsd = cfg.roi, cfg.tsd
-        k = roi.pool_size
-        self.head_type = roi.head
-        self.tsd_cfg = tsd
-        self.beta = roi.smooth_l1_beta
-        self.suffix = name_suffix
-        self.add_gt = roi.add_gt_as_proposals
-        num_outputs = cfg.num_classes + 1
-        num_reg = 1 if class_agnostic else num_outputs
-        self.pool = MultiScaleDeformRoIPool(FEATMAP_NAMES, k, roi.sampling_ratio)
-        self.coder = box_coder(stds)
-        self.matcher = det_utils.Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
-        self.sampler = det_utils.BalancedPositiveNegativeSampler(roi.batch_size_per_image, roi.positive_fraction)
+        self.head_attr, self.head_type = _HEAD_NAMES[type(head)]
+        if sibling is not None and self.head_attr == "sibling":
+            raise ValueError("a sibling head needs no second sibling")
         self.sibling = self.dhead = self.tsd = None
-        if roi.head == "sibling" or (roi.head == "tsd" and tsd.joint_sibling):
-            self.sibling = SiblingHead(in_channels, k, roi.representation_size, num_outputs, num_reg)
-        if roi.head == "double":
-            self.dhead = DoubleHead(in_channels, k, roi.representation_size, num_outputs, num_reg)
-        if roi.head == "tsd":
-            self.tsd = TSDHead(in_channels, k, roi.representation_size, num_outputs, num_reg, tsd.offset_hidden)
-            self.deform_pool = MultiScaleDeformRoIPool(FEATMAP_NAMES, k, tsd.samples_per_bin)
+        setattr(self, self.head_attr, head)
+        if sibling is not None:
+            self.sibling = sibling
+        self.pool = pool
+        self.coder = coder
+        self.matcher = matcher
+        self.sampler = sampler
+        self.add_gt = add_gt_as_proposals
+        self.beta = smooth_l1_beta
+        self.pc_cls_margin, self.pc_loc_margin = pc_cls_margin, pc_loc_margin
+        self.delta_r_grad_through_targets = delta_r_grad_through_targets
+        self.suffix = name_suffix
+
+    @property
+    def head(self) -> nn.Module:
+        return getattr(self, self.head_attr)
+
+    @property
+    def joint_sibling(self) -> bool:
+        """Whether a classical sibling head is trained alongside a different main head."""
+        return self.sibling is not None and self.head_attr != "sibling"
 
     # -- training targets -------------------------------------------------------------------
-    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]
-               ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Sampled RoIs per image, their labels (0 = background) and matched gt boxes (concatenated)."""
-        sampled, labels_out, gt_out = [], [], []
+    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> SampledRoIs:
+        """Sampled RoIs per image, their labels (0 = background) and matched gt boxes."""
+        sampled, labels_out, gt_out, from_gt_out = [], [], [], []
         for props, target in zip(proposals, targets, strict=True):
             gt_boxes, gt_labels = target["boxes"], target["labels"]
+            from_gt = torch.zeros(len(props), dtype=torch.bool, device=props.device)
             if self.add_gt and len(gt_boxes):
                 props = torch.cat([props, gt_boxes.to(props.dtype)])
-            if len(gt_boxes) == 0:
+                from_gt = torch.cat([from_gt, torch.ones(len(gt_boxes), dtype=torch.bool, device=props.device)])
+            if len(gt_boxes) == 0:  # an image without boxes: every proposal is a negative
                 matched = torch.full((len(props),), -1, dtype=torch.long, device=props.device)
                 labels = torch.zeros(len(props), dtype=torch.long, device=props.device)
                 gts = torch.zeros_like(props)
@@ -82,115 +128,111 @@ class RoIStage(nn.Module):
             sampled.append(props[keep])
             labels_out.append(labels[keep].clamp(min=0))
             gt_out.append(gts[keep])
-        return sampled, torch.cat(labels_out), torch.cat(gt_out)
+            from_gt_out.append(from_gt[keep])
+        return SampledRoIs(sampled, torch.cat(labels_out), torch.cat(gt_out), torch.cat(from_gt_out))
 
     # -- the heads --------------------------------------------------------------------------
-    def run(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
-            with_sibling: bool) -> dict[str, Tensor]:
-        """Raw head outputs for the RoIs ``proposals`` (concatenated over images in ``'boxes'``)."""
+    def run(self, features: dict[str, Tensor], proposals: list[Tensor], with_sibling: bool) -> StageOutput:
+        """The head's outputs for the RoIs ``proposals`` (per image, concatenated in the outputs)."""
         rois = rois_of(proposals)
-        boxes = rois[:, 1:]
-        table = self.pool.table(features, _padded_size(image_sizes, features))  # shared by P, P-hat-c, P-hat-r
-        levels = table.levels_of(boxes)  # P-hat-c and P-hat-r are pooled at the level of their P
-        pooled = self.pool(table, rois, levels).to(features[FEATMAP_NAMES[0]].dtype)
-        out: dict[str, Tensor] = {"boxes": boxes}
-        if self.sibling is not None and (with_sibling or self.head_type == "sibling"):
-            out["sibling_logits"], out["sibling_deltas"] = self.sibling(pooled)
-        if self.dhead is not None:
-            out["logits"], out["deltas"] = self.dhead.classify(pooled), self.dhead.regress(pooled)
-            out["reg_boxes"] = boxes
-        if self.tsd is not None:
-            k = self.deform_pool.output_size
-            delta_c, delta_r = self.tsd.offsets(pooled)
-            wh = box_wh(boxes).to(delta_c.dtype)
-            offsets_c = self.tsd_cfg.gamma * delta_c * wh[:, None, None, :]  # per-bin pixels
-            shift_r = self.tsd_cfg.gamma * delta_r * wh  # one translation per RoI
-            # P-hat-c and P-hat-r (a translation = the same offset in every bin) in one pass
-            feat_c, feat_r = self.deform_pool(
-                table, rois, levels, torch.stack([offsets_c, shift_r[:, None, None, :].expand(-1, k, k, 2)])).unbind(0)
-            out["logits"] = self.tsd.branches.classify(feat_c.to(pooled.dtype))
-            out["deltas"] = self.tsd.branches.regress(feat_r.to(pooled.dtype))
-            out["reg_boxes"] = translate(boxes, shift_r.to(boxes.dtype))  # P-hat-r
-            out["delta_c"], out["delta_r"] = delta_c, delta_r
-        if "logits" not in out:  # plain sibling head
-            out["logits"], out["deltas"], out["reg_boxes"] = out["sibling_logits"], out["sibling_deltas"], boxes
-        return out
+        table = self.pool.table(features)  # shared by P, P-hat-c and P-hat-r
+        levels = self.pool.levels_of(table, rois[:, 1:])  # P-hat-c and P-hat-r are pooled at the level of P
+        pooled = self.pool(table, rois, levels).to(features[self.pool.featmap_names[0]].dtype)
+        roi_features = RoIFeatures(rois, levels, pooled, table)
+        main = self.head(roi_features)
+        sibling = self.sibling(roi_features) if with_sibling and self.joint_sibling else None
+        return StageOutput(roi_features, main, sibling)
 
-    def losses(self, out: dict[str, Tensor], labels: Tensor, gt_boxes: Tensor, counts: list[int]
-               ) -> dict[str, Tensor]:
-        """Named losses; each is a mean over the images of per-image means (``counts``: RoIs per image)."""
-        boxes = out["boxes"]
+    def losses(self, out: StageOutput, sampled: SampledRoIs) -> dict[str, Tensor]:
+        """Named losses; each is a mean over the images of per-image means."""
+        labels, gt_boxes, counts = sampled.labels, sampled.gt_boxes, sampled.counts
+        boxes = out.rois.boxes
         w = L.per_image_weights(counts).to(boxes.device)
         pos = torch.nonzero(labels > 0).flatten()  # once: each nonzero waits for the device
+        gt_pos = gt_boxes[pos]  # regression targets exist for positives only
         losses: dict[str, Tensor] = {}
-        if "sibling_logits" in out:
-            targets = self.coder.encode_single(gt_boxes[pos], boxes[pos])  # positives only
-            losses["loss_sibling_cls"] = L.classification_loss(out["sibling_logits"], labels, w)
-            losses["loss_sibling_box"] = L.box_regression_loss(out["sibling_deltas"], targets, labels, self.beta, w,
-                                                               pos)
-        if self.head_type == "sibling":
-            return {k + self.suffix: v for k, v in losses.items()}
-        name = self.head_type
-        reg_boxes = out["reg_boxes"]
-        if self.tsd is not None and not self.tsd_cfg.delta_r_grad_through_targets:
+        if out.sibling is not None:
+            targets = self.coder.encode_single(gt_pos, boxes[pos])
+            losses["loss_sibling_cls"] = L.classification_loss(out.sibling.logits, labels, w)
+            losses["loss_sibling_box"] = L.box_regression_loss(out.sibling.deltas, targets, labels, self.beta, w, pos)
+        main = out.main
+        reg_boxes = main.reg_boxes
+        if main.geometry is not None and not self.delta_r_grad_through_targets:
             reg_boxes = reg_boxes.detach()
-        targets = self.coder.encode_single(gt_boxes[pos], reg_boxes[pos])  # positives only
-        losses[f"loss_{name}_cls"] = L.classification_loss(out["logits"], labels, w)
-        losses[f"loss_{name}_box"] = L.box_regression_loss(out["deltas"], targets, labels, self.beta, w, pos)
-        if self.tsd is not None and "sibling_logits" in out:
-            if self.tsd_cfg.pc_cls:
-                losses["loss_pc_cls"] = L.pc_cls_loss(out["logits"], out["sibling_logits"], labels,
-                                                      self.tsd_cfg.margin_cls, w)
-            if self.tsd_cfg.pc_loc:
-                w_pos = L.per_image_weights(counts, labels > 0)[pos]
-                cls = L.regression_classes(out["deltas"], labels, pos)
-                boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
-                    torch.stack([out["deltas"][pos, cls], out["sibling_deltas"][pos, cls]]).float(),
-                    torch.stack([out["reg_boxes"][pos], boxes[pos]]).float()).unbind(0)
-                losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_boxes[pos], self.tsd_cfg.margin_loc,
-                                                      w_pos)
+        targets = self.coder.encode_single(gt_pos, reg_boxes[pos])
+        name = self.head_type
+        losses[f"loss_{name}_cls"] = L.classification_loss(main.logits, labels, w)
+        losses[f"loss_{name}_box"] = L.box_regression_loss(main.deltas, targets, labels, self.beta, w, pos)
+        if out.sibling is not None and self.pc_cls_margin is not None:
+            losses["loss_pc_cls"] = L.pc_cls_loss(main.logits, out.sibling.logits, labels, self.pc_cls_margin, w)
+        if out.sibling is not None and self.pc_loc_margin is not None:
+            w_pos = L.per_image_weights(counts, labels > 0)[pos]
+            cls = L.regression_classes(main.deltas, labels, pos)
+            boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
+                torch.stack([main.deltas[pos, cls], out.sibling.deltas[pos, cls]]).float(),
+                torch.stack([main.reg_boxes[pos], boxes[pos]]).float()).unbind(0)
+            losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_pos, self.pc_loc_margin, w_pos)
         return {k + self.suffix: v for k, v in losses.items()}
 
-    def decode(self, out: dict[str, Tensor]) -> Tensor:
+    def decode(self, out: HeadOutput) -> Tensor:
         """``[R, K, 4]`` boxes of every class (K = 1 when class-agnostic), decoded against their RoI."""
-        deltas = out["deltas"].float()
-        ref = out["reg_boxes"].float()
-        return self.coder.decode_single(deltas, ref[:, None, :])
+        return self.coder.decode_single(out.deltas.float(), out.reg_boxes.float()[:, None, :])
 
-    def refine(self, out: dict[str, Tensor], labels: Tensor | None) -> Tensor:
-        """The next cascade stage's proposals (no gradient): each RoI's box for ``labels`` (train) or
-        its best foreground class (test)."""
+    def boxes_for(self, out: HeadOutput, labels: Tensor) -> Tensor:
+        """``[R, 4]`` each RoI's box for its class in ``labels`` (0 = background's deltas), no gradient."""
         boxes = self.decode(out).detach()
         if boxes.shape[1] == 1:
             return boxes[:, 0]
-        if labels is None:
-            labels = out["logits"][:, 1:].argmax(dim=1) + 1
-        labels = labels.clamp(min=1)
         return boxes[torch.arange(len(boxes), device=boxes.device), labels]
 
 
-def _padded_size(image_sizes: list[tuple[int, int]], features: dict[str, Tensor]) -> tuple[int, int]:
-    """The padded batch size in pixels, from the finest map (stride 4), for the scale inference."""
-    h, w = features[FEATMAP_NAMES[0]].shape[-2:]
-    return int(h * 4), int(w * 4)
-
-
 class RoIHeads(nn.Module):
-    """One Fast R-CNN stage, or a cascade of them, and the post-processing of their detections."""
+    """One Fast R-CNN stage, or a cascade of them, and the post-processing of their detections.
 
-    def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
+    Args:
+        stages: one ``RoIStage`` (Faster R-CNN) or several (Cascade R-CNN, in order).
+        stage_weights: each stage's loss weight.
+        test: thresholds, NMS and detections per image at inference.
+        score_average: how a cascade combines its stages' scores at test: ``"logits"`` averages the
+            logits and takes one softmax (the TSD authors), ``"probs"`` averages the softmax scores.
+        refine_with_background: a stage refines each RoI with the deltas of its target label in
+            training and of its argmax over all classes at test, background included (the
+            authors); otherwise with the best foreground class (training: the label, clamped to 1).
+        drop_gt_before_refine: in training, gt boxes added as proposals are not passed on to the
+            next stage (the authors).
+        clip_refined: refined boxes are clipped to the image (the authors).
+    """
+
+    def __init__(self, stages: list[RoIStage], stage_weights: list[float], test: TestConfig, *,
+                 score_average: Literal["logits", "probs"] = "logits", refine_with_background: bool = True,
+                 drop_gt_before_refine: bool = True, clip_refined: bool = True) -> None:
         super().__init__()
-        self.cfg = cfg
-        if cfg.cascade.enabled:
-            c = cfg.cascade
-            self.stages = nn.ModuleList([
-                RoIStage(cfg, in_channels, stds, iou, iou, class_agnostic=True, name_suffix=f"_s{i}")
-                for i, (stds, iou) in enumerate(zip(c.stage_stds, c.iou_thresholds, strict=True))])
-            self.stage_weights = list(c.stage_weights)
+        if len(stages) != len(stage_weights):
+            raise ValueError(f"{len(stages)} stages but {len(stage_weights)} stage weights")
+        self.stages = nn.ModuleList(stages)
+        self.stage_weights = list(stage_weights)
+        self.test = test
+        self.score_average = score_average
+        self.refine_with_background = refine_with_background
+        self.drop_gt_before_refine = drop_gt_before_refine
+        self.clip_refined = clip_refined
+
+    def refine(self, stage: RoIStage, out: StageOutput, image_sizes: list[tuple[int, int]], counts: list[int],
+               sampled: SampledRoIs | None = None) -> list[Tensor]:
+        """The next stage's proposals per image (``counts`` RoIs each) from this stage's output, no gradient."""
+        if sampled is not None:  # training: each RoI's target label
+            labels = sampled.labels if self.refine_with_background else sampled.labels.clamp(min=1)
         else:
-            self.stages = nn.ModuleList([RoIStage(cfg, in_channels, cfg.roi.target_stds, cfg.roi.fg_iou,
-                                                  cfg.roi.bg_iou, class_agnostic=False)])
-            self.stage_weights = [1.0]
+            logits = out.main.logits
+            labels = logits.argmax(dim=1) if self.refine_with_background else logits[:, 1:].argmax(dim=1) + 1
+        boxes = stage.boxes_for(out.main, labels)
+        keep = ~sampled.from_gt if sampled is not None and self.drop_gt_before_refine else None
+        result = []
+        for i, (b, size) in enumerate(zip(boxes.split(counts), image_sizes, strict=True)):
+            if keep is not None:
+                b = b[keep.split(counts)[i]]
+            result.append(clip_boxes_to_image(b, size) if self.clip_refined else b)
+        return result
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None):
@@ -198,24 +240,26 @@ class RoIHeads(nn.Module):
             assert targets is not None
             losses: dict[str, Tensor] = {}
             for i, (stage, weight) in enumerate(zip(self.stages, self.stage_weights, strict=True)):
-                sampled, labels, gt_boxes = stage.sample(proposals, targets)
-                out = stage.run(features, sampled, image_sizes, with_sibling=True)
-                for name, value in stage.losses(out, labels, gt_boxes, [len(s) for s in sampled]).items():
+                sampled = stage.sample(proposals, targets)
+                out = stage.run(features, sampled.boxes, with_sibling=True)
+                for name, value in stage.losses(out, sampled).items():
                     losses[name] = value * weight
                 if i + 1 < len(self.stages):
-                    proposals = list(stage.refine(out, labels).split([len(s) for s in sampled]))
+                    proposals = self.refine(stage, out, image_sizes, sampled.counts, sampled)
             return [], losses
         counts = [len(p) for p in proposals]
-        score_sum = None
+        combined = None
         for i, stage in enumerate(self.stages):
-            out = stage.run(features, proposals, image_sizes, with_sibling=False)
-            scores = torch.softmax(out["logits"].float(), dim=1)
-            score_sum = scores if score_sum is None else score_sum + scores
+            out = stage.run(features, proposals, with_sibling=False)
+            logits = out.main.logits.float()
+            scores = logits if self.score_average == "logits" else torch.softmax(logits, dim=1)
+            combined = scores if combined is None else combined + scores
             if i + 1 < len(self.stages):
-                proposals = list(stage.refine(out, None).split(counts))
-        scores = score_sum / len(self.stages)
-        boxes = self.stages[-1].decode(out)
+                proposals = self.refine(stage, out, image_sizes, counts)
+        combined = combined / len(self.stages)
+        scores = torch.softmax(combined, dim=1) if self.score_average == "logits" else combined
+        boxes = self.stages[-1].decode(out.main)
         detections = []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True):
-            detections.append(postprocess_detections(b, s, size, self.cfg.test))
+            detections.append(postprocess_detections(b, s, size, self.test))
         return detections, {}
