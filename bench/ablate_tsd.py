@@ -8,7 +8,11 @@ Variants (``--variants``, comma-separated; each is the tiny config plus ``--set`
 - ``kaiming_init``: the authors' init of the offset nets (``tsd.offset_init=kaiming_normal``);
 - ``authors``: both, plus the authors' P pooling and fc init (what the paper configs use);
 - ``cascade_specific`` / ``cascade_agnostic``: Cascade TSD with class-specific (the authors) or
-  class-agnostic regression in every stage.
+  class-agnostic regression in every stage;
+- the hierarchy: ``no_expansion`` (detections not copied to ancestor classes at test),
+  ``expanded_targets`` (prep's ancestor copies of the boxes also used as training targets), both
+  (``expanded_targets_no_expansion``: the pipeline before detections covered the hierarchy), and the
+  multi-label head (``sigmoid``, ``sigmoid_expansion``).
 
 Each run: the same synthetic train/validation split (``tsd synth``'s generator, sharded in this
 process), the tiny model trained in one process with the demo's schedule (``pipeline.train``'s
@@ -45,6 +49,12 @@ VARIANTS: dict[str, list[str]] = {
                 "model.roi.pooling=mmdet_v1_roi_align", "model.roi.fc_init=kaiming_normal"],
     "cascade_specific": ["model.cascade.enabled=true", "model.cascade.class_agnostic=false"],
     "cascade_agnostic": ["model.cascade.enabled=true", "model.cascade.class_agnostic=true"],
+    # the hierarchy: training targets x expansion of detections to ancestors at test
+    "no_expansion": ["model.test.expand_to_ancestors=false"],
+    "expanded_targets": ["loader.use_expanded_labels=true"],
+    "expanded_targets_no_expansion": ["loader.use_expanded_labels=true", "model.test.expand_to_ancestors=false"],
+    "sigmoid": ["model.roi.classification=sigmoid"],
+    "sigmoid_expansion": ["model.roi.classification=sigmoid", "model.test.expand_to_ancestors=true"],
 }
 
 
@@ -74,7 +84,8 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
     from pipeline.loader import ShardDataset, unpack
     from pipeline.sampler import GlobalBatchSampler, SamplerSpec
     from pipeline.schedule import learning_rate, parameter_groups
-    from pipeline.train import make_loader, train_step
+    from pipeline.scoring import ap_by_level
+    from pipeline.train import label_ancestors, make_loader, train_step
     from tsd_model.build import build_model
 
     cfg = load_config(REPO / "configs" / "tiny.yaml",
@@ -83,7 +94,7 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
     tc = cfg.train
     batch = tc.images_per_worker * tc.num_workers  # the demo's global batch, here on one process
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, label_ancestors=label_ancestors(cfg))
     model.train()
     optimizer = torch.optim.SGD(parameter_groups(model, tc), lr=tc.base_lr_per_image, momentum=tc.momentum)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -108,7 +119,10 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
     inputs = split_ground_truth(cfg, "validation")
     detections = detect_range(model, cfg, "validation", 0, 10**9, 4, torch.device("cpu"))
     result = score_detections(inputs, detections)
-    return {"mAP": round(result.mean_ap(0), 4),
+    levels = ap_by_level(result.ap[0], inputs.hierarchy, inputs.labels)
+    return {"mAP": round(result.mean_ap(0), 4), "mAP_leaf": round(levels["leaf"]["mAP"], 4),
+            "mAP_parent": round(levels["parent"]["mAP"], 4),
+            "classes_at_ap_0": int((result.ap[0][result.num_positives > 0] == 0).sum()),
             "train_s": round(train_s, 1), "iterations": epochs * ipe, "nonfinite_steps": skipped}
 
 
@@ -138,13 +152,18 @@ def main() -> None:
                 runs.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n| variant | mAP@0.5 (mean over seeds {args.seeds}) | min - max | train s / run |")
-    print("|---|---|---|---|")
+    print(f"\n| variant | mAP@0.5 (mean over seeds {args.seeds}) | min - max | leaf classes | parent classes | "
+          "classes at AP 0 | train s / run |")
+    print("|---|---|---|---|---|---|---|")
     for variant in variants:
-        maps = [r["mAP"] for r in runs if r["variant"] == variant]
-        secs = [r["train_s"] for r in runs if r["variant"] == variant]
-        print(f"| {variant} | {statistics.mean(maps):.3f} | {min(maps):.3f} - {max(maps):.3f} | "
-              f"{statistics.mean(secs):.0f} |")
+        rows = [r for r in runs if r["variant"] == variant]
+        maps = [r["mAP"] for r in rows]
+
+        def mean(key: str, rows: list[dict] = rows) -> float:
+            return statistics.mean(r[key] for r in rows)
+
+        print(f"| {variant} | {statistics.mean(maps):.3f} | {min(maps):.3f} - {max(maps):.3f} | {mean('mAP_leaf'):.3f} | "
+              f"{mean('mAP_parent'):.3f} | {mean('classes_at_ap_0'):.1f} | {mean('train_s'):.0f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",

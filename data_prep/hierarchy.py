@@ -154,6 +154,21 @@ class Hierarchy:
                     matrix[i, j] = True
         return matrix
 
+    def class_levels(self, labels: LabelSpace) -> tuple[np.ndarray, np.ndarray]:
+        """Per class of the label space: whether it is a leaf (no descendant in the label space) and
+        its depth (1 = a top-level class; the longest is-a chain from the top, counted in nodes).
+        What the per-level AP of a report groups classes by."""
+        up = self.ancestor_matrix(labels)
+        is_leaf = up.sum(axis=0) == 1  # no other class has it as an ancestor
+        memo: dict[str, int] = {}
+
+        def level(m: str) -> int:
+            if m not in memo:
+                memo[m] = 1 + max((level(p) for p in self.parents.get(m, ())), default=0)
+            return memo[m]
+
+        return is_leaf, np.array([level(m) for m in labels.mids], dtype=np.int64)
+
     def check_label_space(self, labels: LabelSpace) -> tuple[list[str], list[str]]:
         """MIDs of the label space missing from the hierarchy, and hierarchy MIDs not in the label space."""
         return (

@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.oid_metric import COCO_STYLE_THRESHOLDS
-    from pipeline.scoring import score_files, write_report
+    from pipeline.scoring import level_summary, score_files, write_report
 
     thresholds = (0.5,) if not args.all_thresholds else (0.5, *[t for t in COCO_STYLE_THRESHOLDS if t != 0.5])
     data = score_files(args.boxes, args.labels, args.hierarchy, args.classes, args.predictions, thresholds,
@@ -94,6 +94,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     write_report(args.out, data)
     print(f"mAP@0.5 = {data['mAP']:.4f} over {data['num_classes_with_positives']} classes, "
           f"{data['num_images']} images, {data['num_predictions']} predictions -> {args.out}")
+    if level_summary(data):
+        print(f"  {level_summary(data)}")
     return 0
 
 
@@ -107,8 +109,14 @@ def cmd_submission(args: argparse.Namespace) -> int:
             from data_prep.storage import read_source
 
             known = set(LabelSpace.from_csv_text(read_source(args.classes).decode("utf-8-sig"), args.classes).mids)
-        counts = check_submission(args.check, known)
-        print(f"{args.check}: valid, {counts['images']} images, {counts['detections']} detections")
+        expected = None
+        if args.images:
+            from pipeline.submission import expected_image_ids
+
+            expected = expected_image_ids(args.images)
+        counts = check_submission(args.check, known, expected)
+        print(f"{args.check}: valid, {counts['images']} images, {counts['detections']} detections"
+              + (f", every one of the {len(expected)} expected images listed once" if expected is not None else ""))
         return 0
     from pipeline.config import load_config
     from pipeline.evaluate import run_submission
@@ -124,6 +132,7 @@ def cmd_submission(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.evaluate import checkpoint_iteration, run_evaluation
+    from pipeline.scoring import level_summary
 
     cfg = load_config(args.config, args.overrides)
     data = run_evaluation(cfg, args.checkpoint, args.split, args.out, address=args.address,
@@ -135,6 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.split}: mAP@0.5 = {data['mAP']:.4f} over {data['num_classes_with_positives']} classes "
               f"({data['num_images']} images, {data['num_detections']} detections); "
               f"mAP@[.5:.95] = {data.get('mAP_50_95', float('nan')):.4f}")
+        if level_summary(data):
+            print(f"  {level_summary(data)}")
     for name, path in data["files"].items():
         print(f"  {name}: {path}")
     return 0
@@ -299,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="with --check: reject MIDs outside this class-description CSV")
     _add_config_args(p, required=False)
     p.add_argument("--checkpoint", help="a checkpoint directory or state file of `tsd train`")
-    p.add_argument("--images", help="directory or s3:// prefix of the test images")
+    p.add_argument("--images", help="directory or s3:// prefix of the test images; with --check, also a file "
+                                    "listing the expected ImageIDs (CSV with an ImageID column, or one per line)")
     p.add_argument("--out", help="submission.csv to write")
     p.add_argument("--address", help="Ray cluster to join; default: a local Ray")
     p.set_defaults(func=cmd_submission)

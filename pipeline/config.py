@@ -37,7 +37,10 @@ class LoaderConfig:
     repeat_threshold: float = 0.001  # repeat-factor: t
     group_by_aspect: bool = True
     flip_prob: float = 0.5
-    use_expanded_labels: bool = True  # also train on the boxes prep added for ancestor classes
+    # also train on the boxes prep added for ancestor classes (copies of the leaf box: a softmax head
+    # matches a RoI to the first of identical boxes, so they teach it nothing; they stay in the shards
+    # for the metric). Off: train on the annotated classes, and expand detections at test instead.
+    use_expanded_labels: bool = False
     num_workers: int = 2  # DataLoader processes per training worker
     prefetch_factor: int = 2
 

@@ -69,6 +69,7 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
         "config": trained["config"],
         "mAP@0.5": evaluation["mAP"],
         "mAP@[.5:.95]": evaluation.get("mAP_50_95"),
+        "mAP_by_level": evaluation.get("by_level"),
         "report": evaluation["files"]["report"],
         "pr_curves": evaluation["files"]["pr_curves"],
         "submission": str(submission),
@@ -112,6 +113,10 @@ def print_summary(result: dict) -> None:
     print(f"  checkpoint:  {result['checkpoint']}")
     print(f"  validation:  mAP@0.5 = {result['mAP@0.5']:.3f} (official OID metric), mAP@[.5:.95] = "
           f"{result['mAP@[.5:.95]']:.3f}; report {result['report']}")
+    if result.get("mAP_by_level"):
+        from pipeline.scoring import level_summary
+
+        print(f"               {level_summary({'by_level': result['mAP_by_level']})}")
     print(f"  submission:  {result['submission']} ({result['submission_counts']['images']} images, "
           f"{result['submission_counts']['detections']} detections, validated)")
     print(f"  figures:     {', '.join(result['figures'])}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data_prep.errors import InputError
-from data_prep.prep import resolve
+from data_prep.prep import load_label_space, resolve
 from data_prep.storage import is_s3, open_storage
 from pipeline.config import ExperimentConfig, to_dict
 
@@ -64,13 +64,34 @@ def load_model_for_inference(cfg: ExperimentConfig, checkpoint: str, device: tor
     return model.to(device).eval()
 
 
-def _infer(model, images: list[torch.Tensor], cfg: ExperimentConfig, device: torch.device) -> list[dict]:
+def expansion_for(cfg: ExperimentConfig):
+    """The expansion of detections to ancestor classes that ``model.test.expand_to_ancestors`` asks
+    for, or None (off; a multi-label head unless asked; a label space without parent classes:
+    expansion would change nothing)."""
+    from pipeline.expand import AncestorExpansion
+
+    test = cfg.model.test
+    if test.expand_to_ancestors is False or cfg.data.format == "coco":
+        return None
+    if test.expand_to_ancestors is None and cfg.model.roi.classification == "sigmoid":
+        return None  # a multi-label head scores every level itself
+    labels, hierarchy = load_label_space(cfg.data)
+    expansion = AncestorExpansion.from_matrix(hierarchy.ancestor_matrix(labels), test.expand_dedup, test.nms_iou)
+    return expansion if expansion.has_parents else None
+
+
+def _infer(model, images: list[torch.Tensor], cfg: ExperimentConfig, device: torch.device,
+           expansion=None) -> list[dict]:
+    """Detections of ``images`` in their pixels; with ``expansion``, at every level of the hierarchy.
+    The one inference step of evaluation, submissions and evaluation during training."""
     test = cfg.model.test
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
         images = [i.to(device) for i in images]
         if test.tta_scales or test.tta_flip:
-            return model.detect_tta(images, list(test.tta_scales), test.tta_flip, test)
-        return model(images)
+            outs = model.detect_tta(images, list(test.tta_scales), test.tta_flip, test)
+        else:
+            outs = model(images)
+        return [expansion(out) for out in outs] if expansion is not None else outs
 
 
 def _infer_shard_range(cfg_dict: dict, split: str, checkpoint: str, start: int, stop: int, batch_size: int) -> dict:
@@ -94,10 +115,11 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
         raise InputError(f"{cfg.data.shards}: split '{split}' has missing or truncated shards {ds.skipped}; "
                          f"evaluating without them would change the metric -- re-run `tsd prep`")
     stop = min(stop, len(ds))
+    expansion = expansion_for(cfg)
     parts = []
     for lo in range(start, stop, batch_size):
         items = [ds[(i, False)] for i in range(lo, min(stop, lo + batch_size))]
-        outs = _infer(model, [it["image"] for it in items], cfg, device)
+        outs = _infer(model, [it["image"] for it in items], cfg, device, expansion)
         for it, out in zip(items, outs, strict=True):
             h, w = it["image"].shape[-2:]
             parts.append({"keys": [ds.index.keys[it["index"]]] * len(out["scores"]),
@@ -206,7 +228,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
     inputs = split_ground_truth(cfg, split)
     detections = run_inference(cfg, checkpoint, split, address, progress=progress)
     result = score_detections(inputs, detections, COCO_STYLE_THRESHOLDS, keep_curves=True)
-    data = report(result, inputs.labels, {
+    data = report(result, inputs.labels, hierarchy=inputs.hierarchy, extra={
         "coco_style_by_size": size_breakdown(cfg, split, inputs, detections),
         "split": split, "checkpoint": str(checkpoint), "num_images": detections["num_images"],
         "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)})
@@ -274,13 +296,14 @@ def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
     model = load_model_for_inference(cfg, checkpoint, device)
     storage = open_storage(images, cfg.data.s3_endpoint_url)
+    expansion = expansion_for(cfg)
     rows = []
     for image_id, name in files:
         with Image.open(io.BytesIO(storage.read_bytes(name))) as im:
             rgb = np.asarray(im.convert("RGB"))
         image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # the model resizes it
         h, w = image.shape[-2:]
-        out = _infer(model, [image], cfg, device)[0]
+        out = _infer(model, [image], cfg, device, expansion)[0]
         boxes = out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)
         rows.append((image_id, prediction_string([mids[int(c)] for c in out["labels"].cpu()],
                                        out["scores"].float().cpu().numpy(), boxes, max_det)))
@@ -292,7 +315,7 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
     """Detect on every image of a directory or S3 prefix and write a validated Kaggle submission."""
     import ray
 
-    from data_prep.prep import list_images, load_label_space
+    from data_prep.prep import list_images
     from data_prep.ray_runtime import gather_with_progress, init_ray, shutdown_ray
     from data_prep.rejects import RejectLog
     from pipeline.submission import check_submission, write_submission

@@ -104,7 +104,7 @@ class ShardDataset(Dataset):
     """
 
     def __init__(self, shards_uri: str, split: str, min_size: int, max_size: int,
-                 endpoint_url: str | None = None, use_expanded_labels: bool = True) -> None:
+                 endpoint_url: str | None = None, use_expanded_labels: bool = False) -> None:
         self.storage = open_storage(shards_uri, endpoint_url)
         self.index = ShardIndex.load(self.storage, split)
         self.min_size, self.max_size = min_size, max_size
@@ -145,15 +145,22 @@ class ShardDataset(Dataset):
         except (ValueError, RuntimeError) as exc:  # bad JSON or JPEG bytes inside a complete-looking shard
             raise InputError(f"{self.storage.uri(self.index.shards[i])} [{self.index.keys[i]}]: damaged sample "
                              f"({type(exc).__name__}: {str(exc)[:120]}); re-run `tsd prep` for this split") from None
-        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
+        boxes, labels = training_targets(meta, self.use_expanded_labels)
         image, boxes = shrink_to_input(image, boxes, self.min_size, self.max_size)
-        labels = torch.tensor(meta["labels"], dtype=torch.int64)
-        if not self.use_expanded_labels and meta.get("is_expanded"):
-            keep = torch.tensor(meta["is_expanded"]) == 0
-            boxes, labels = boxes[keep], labels[keep]
         if flip:
             boxes = flip_boxes(boxes, image.shape[-1])
         return {"image": image, "boxes": boxes, "labels": labels, "index": i, "flip": bool(flip)}
+
+
+def training_targets(meta: dict, use_expanded_labels: bool) -> tuple[Tensor, Tensor]:
+    """A sample's boxes (pixels) and labels; without ``use_expanded_labels``, only the annotated
+    ones (not the copies prep made for ancestor classes, ``is_expanded``)."""
+    boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.tensor(meta["labels"], dtype=torch.int64)
+    if not use_expanded_labels and meta.get("is_expanded"):
+        keep = torch.tensor(meta["is_expanded"]) == 0
+        boxes, labels = boxes[keep], labels[keep]
+    return boxes, labels
 
 
 def collate(samples: list[dict], size_divisible: int = 32) -> dict[str, Tensor]:
@@ -205,7 +212,7 @@ def unpack(batch: dict[str, Tensor], device: torch.device) -> tuple[list[Tensor]
 
 
 def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int, epoch_samples: int,
-                      seed: int, flip_prob: float = 0.5):
+                      seed: int, flip_prob: float = 0.5, use_expanded_labels: bool = False):
     """Uniform sampling without the index: webdataset over the split's shards, resampled, with a fixed
     epoch length (equal batches on every rank). Local shards only (S3 shards: use the index mode)."""
     import random
@@ -222,13 +229,12 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
     def to_sample(sample: dict) -> dict:
         meta = json.loads(sample["json"])
         image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
+        boxes, labels = training_targets(meta, use_expanded_labels)
         image, boxes = shrink_to_input(image, boxes, min_size, max_size)
         flip = rng.random() < flip_prob
         if flip:
             boxes = flip_boxes(boxes, image.shape[-1])
-        return {"image": image, "boxes": boxes, "labels": torch.tensor(meta["labels"], dtype=torch.int64),
-                "index": -1, "flip": flip}
+        return {"image": image, "boxes": boxes, "labels": labels, "index": -1, "flip": flip}
 
     return wds.WebDataset(urls, resampled=True, seed=seed, nodesplitter=wds.split_by_node,
                           empty_check=False).map(to_sample).with_epoch(epoch_samples)

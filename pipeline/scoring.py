@@ -42,6 +42,7 @@ class ScoringInputs:
     labels: LabelSpace
     images: ImageCoder
     gt: GroundTruth
+    hierarchy: Hierarchy | None = None
 
 
 def load_ground_truth(boxes_csv: str, labels_csv: str | None, hierarchy_json: str, classes_csv: str,
@@ -57,7 +58,7 @@ def load_ground_truth(boxes_csv: str, labels_csv: str | None, hierarchy_json: st
         None if image_labels is None else image_labels.image_code,
         None if image_labels is None else image_labels.label,
         None if image_labels is None else image_labels.positive)
-    return ScoringInputs(labels, coder, gt)
+    return ScoringInputs(labels, coder, gt, hierarchy)
 
 
 @dataclass
@@ -113,8 +114,24 @@ def read_predictions(path: str, inputs: ScoringInputs, endpoint_url: str | None 
                        unknown_mids=int((~known).sum()))
 
 
-def report(result: MetricResult, labels: LabelSpace, extra: dict | None = None) -> dict:
-    """The JSON report: mAP, per-class AP by MID (classes with positives), AP at every threshold."""
+def ap_by_level(ap: np.ndarray, hierarchy: Hierarchy, labels: LabelSpace) -> dict:
+    """Mean AP of the leaf classes, of the parent classes and per depth of the hierarchy (classes
+    with positives only), with how many classes each mean is over."""
+    is_leaf, depth = hierarchy.class_levels(labels)
+    scored = np.isfinite(ap)
+
+    def group(mask: np.ndarray) -> dict:
+        values = ap[mask & scored]
+        return {"mAP": float(values.mean()) if len(values) else None, "classes": int(len(values))}
+
+    return {"leaf": group(is_leaf), "parent": group(~is_leaf),
+            "depth": {str(int(d)): group(depth == d) for d in np.unique(depth)}}
+
+
+def report(result: MetricResult, labels: LabelSpace, extra: dict | None = None,
+           hierarchy: Hierarchy | None = None) -> dict:
+    """The JSON report: mAP, per-class AP by MID (classes with positives), AP at every threshold,
+    and, given the hierarchy, AP of leaf and parent classes and per depth (``by_level``)."""
     per_class = {labels.mids[c]: round(float(v), 6) for c, v in enumerate(result.ap[0]) if np.isfinite(v)}
     out = {
         "mAP": result.mean_ap(0),
@@ -124,6 +141,8 @@ def report(result: MetricResult, labels: LabelSpace, extra: dict | None = None) 
         "per_class_names": {labels.mids[c]: labels.names[c] for c in range(len(labels)) if labels.mids[c] in per_class},
         "ap_at_iou": {f"{t:.2f}": result.mean_ap(k) for k, t in enumerate(result.thresholds)},
     }
+    if hierarchy is not None:
+        out["by_level"] = ap_by_level(result.ap[0], hierarchy, labels)
     if len(result.thresholds) > 1:
         coco = [k for k, t in enumerate(result.thresholds) if t in COCO_STYLE_THRESHOLDS]
         if len(coco) == len(COCO_STYLE_THRESHOLDS):
@@ -140,7 +159,20 @@ def score_files(boxes_csv: str, labels_csv: str | None, hierarchy_json: str, cla
     return report(result, inputs.labels, {
         "num_images": inputs.gt.num_images, "num_predictions": int(len(preds.score)),
         "predictions_on_unknown_images": int((preds.image < 0).sum()), "predictions_with_unknown_mids": preds.unknown_mids,
-    })
+    }, inputs.hierarchy)
+
+
+def level_summary(data: dict) -> str:
+    """One console line: the AP of leaf and parent classes and per depth, from a report."""
+    levels = data.get("by_level")
+    if not levels:
+        return ""
+
+    def fmt(group: dict) -> str:
+        return "n/a" if group["mAP"] is None else f"{group['mAP']:.4f} ({group['classes']} classes)"
+
+    depths = ", ".join(f"depth {d}: {fmt(g)}" for d, g in levels["depth"].items())
+    return f"leaf classes {fmt(levels['leaf'])}, parent classes {fmt(levels['parent'])}; {depths}"
 
 
 def write_report(path: str, data: dict) -> None:

@@ -53,6 +53,28 @@ def write_submission(path: str | Path, rows: Iterable[tuple[str, str]]) -> int:
     return n
 
 
+def expected_image_ids(source: str, endpoint_url: str | None = None) -> set[str]:
+    """The ImageIDs a submission must list: from a directory or ``s3://`` prefix of images, or from a
+    file that lists them (a CSV with an ``ImageID``/``ImageId`` column, e.g. the challenge's image
+    list, or one id per line)."""
+    from data_prep.prep import list_images
+    from data_prep.rejects import RejectLog
+    from data_prep.storage import is_s3, open_storage
+
+    local = Path(source)
+    if not is_s3(source) and local.is_file():
+        lines = local.read_text(encoding="utf-8-sig").splitlines()
+        header = next(csv.reader(lines[:1]), [])
+        column = next((i for i, name in enumerate(header) if name.strip() in ("ImageID", "ImageId")), None)
+        if column is None:
+            return {line.strip() for line in lines if line.strip()}
+        return {row[column].strip() for row in csv.reader(lines[1:]) if len(row) > column and row[column].strip()}
+    found = list_images(open_storage(source if is_s3(source) else str(local.resolve()), endpoint_url), RejectLog())
+    if not found:
+        raise InputError(f"{source}: no images (.jpg, .jpeg, .png) found and not a list of ImageIDs")
+    return set(found)
+
+
 def check_submission(path: str | Path, known_mids: set[str] | None = None, expected_images: set[str] | None = None,
                      max_errors: int = 20) -> dict:
     """Validate a submission; raises ``InputError`` naming the first bad lines, returns counts if valid."""
@@ -112,10 +134,11 @@ def check_submission(path: str | Path, known_mids: set[str] | None = None, expec
     if expected_images is not None and len(errors) < max_errors:
         missing = sorted(expected_images - seen)
         if missing:
-            errors.append(f"{path}: {len(missing)} images missing, e.g. {missing[0]}")
+            errors.append(f"{path}: {len(missing)} expected images are missing (every test image needs a row, "
+                          f"with an empty PredictionString when nothing was detected), e.g. {', '.join(missing[:3])}")
         extra = sorted(seen - expected_images)
         if extra:
-            errors.append(f"{path}: {len(extra)} images not in the expected set, e.g. {extra[0]}")
+            errors.append(f"{path}: {len(extra)} images are not in the expected set, e.g. {', '.join(extra[:3])}")
     if errors:
         more = " (and more)" if len(errors) >= max_errors else ""
         raise InputError(f"{errors[0]}{more}" + ("" if len(errors) == 1 else f"; {len(errors) - 1} more problem(s): "

@@ -127,6 +127,17 @@ class _StatusFile:
         os.replace(tmp, self.path)
 
 
+def label_ancestors(cfg: ExperimentConfig) -> torch.Tensor | None:
+    """The label space's ancestor matrix, for a multi-label classifier (``model.roi.classification:
+    sigmoid``) to train against; None for the softmax."""
+    if cfg.model.roi.classification != "sigmoid":
+        return None
+    from data_prep.prep import load_label_space
+
+    labels, hierarchy = load_label_space(cfg.data)
+    return torch.from_numpy(hierarchy.ancestor_matrix(labels))
+
+
 def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int):
     """The DataLoader of one rank for one epoch from ``start``: the sampler's batches in index mode, or
     webdataset streaming; the same for `tsd train` and `bench/`."""
@@ -141,7 +152,8 @@ def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int,
         per_rank = cfg.train.images_per_worker * cfg.train.grad_accumulation
         stream = streaming_dataset(cfg.data.shards, cfg.train.split, cfg.model.input.min_size,
                                    cfg.model.input.max_size, (sampler.iterations_per_epoch - start) * per_rank,
-                                   seed=cfg.train.seed + 1000 * epoch + rank, flip_prob=lc.flip_prob)
+                                   seed=cfg.train.seed + 1000 * epoch + rank, flip_prob=lc.flip_prob,
+                                   use_expanded_labels=lc.use_expanded_labels)
         return DataLoader(stream, batch_size=per_rank, collate_fn=collate, num_workers=workers,
                           pin_memory=cfg.train.use_gpu, **extra)
     batches = list(sampler.rank_batches(epoch, start))
@@ -173,7 +185,8 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
 
     # 1. the model, identical on every rank, wrapped for DDP by Ray
     torch.manual_seed(tc.seed)
-    model = build_model(with_local_weights(cfg.model, cfg.data.s3_endpoint_url, Path(tc.local_dir) / "weights-cache"))
+    model = build_model(with_local_weights(cfg.model, cfg.data.s3_endpoint_url, Path(tc.local_dir) / "weights-cache"),
+                        label_ancestors=label_ancestors(cfg))
     if tc.use_gpu and world > 1 and tc.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)

@@ -63,3 +63,28 @@ def test_a_batch_of_only_boxless_images_has_zero_box_losses():
     assert losses["loss_tsd_cls"].item() > 0
     sum(losses.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_multilabel_head_trains_on_every_level_of_the_hierarchy():
+    """``roi.classification: sigmoid``: a RoI's targets are its class and all its ancestors."""
+    from tsd_model.losses import multilabel_targets
+
+    ancestors = torch.eye(12, dtype=torch.bool)
+    ancestors[3, 7] = ancestors[3, 9] = ancestors[7, 9] = True  # class 3 -> 7 -> 9, and 3 -> 9
+    targets = multilabel_targets(torch.tensor([0, 4, 8]), ancestors)  # background, class 3, class 7
+    assert targets[0].sum() == 0
+    assert targets[1].nonzero().flatten().tolist() == [3, 7, 9]
+    assert targets[2].nonzero().flatten().tolist() == [7, 9]
+    for overrides in ((), ("cascade.enabled=true",)):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config("roi.classification=sigmoid", *overrides),
+                            label_ancestors=ancestors).train()
+        assert torch.equal(model.state_dict()["roi_heads.label_ancestors"], ancestors)  # the checkpoint carries it
+        images, targets_ = _boxless_batch()
+        step = train_step(model, torch.optim.SGD(model.parameters(), lr=0.01), torch.amp.GradScaler("cpu", enabled=False),
+                          images, targets_)
+        assert step.finite and step.applied
+        model.eval()
+        with torch.no_grad():
+            out = model(images[:2])
+        assert all(((o["scores"] > 0) & (o["scores"] <= 1)).all() for o in out)

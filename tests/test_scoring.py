@@ -108,9 +108,31 @@ def test_validator_header_and_missing_images(tmp_path):
         check_submission(path)
     write_submission(path, [("a", ""), ("b", "/m/a 0.5 0 0 1 1")])
     assert check_submission(path, {"/m/a"}, {"a", "b"}) == {"images": 2, "detections": 1}
-    with pytest.raises(InputError, match="1 images missing, e.g. c"):
+    with pytest.raises(InputError, match="1 expected images are missing .*, e.g. c"):
         check_submission(path, {"/m/a"}, {"a", "b", "c"})
     assert main(["submission", "--check", str(path)]) == 0
+
+
+def test_check_against_the_expected_images_names_missing_and_extra_ones(tmp_path, capsys):
+    from tests.conftest import jpeg_bytes
+
+    path = tmp_path / "s.csv"
+    write_submission(path, [("img1", ""), ("img2", "/m/a 0.5 0 0 1 1"), ("stray9", "")])
+    images = tmp_path / "test"
+    images.mkdir()
+    for image_id in ("img1", "img2", "img3"):
+        (images / f"{image_id}.jpg").write_bytes(jpeg_bytes())
+    listing = tmp_path / "test-images.csv"
+    listing.write_text("ImageID,Subset\nimg1,test\nimg2,test\nimg3,test\n")
+    plain = tmp_path / "ids.txt"
+    plain.write_text("img1\nimg2\nstray9\n")
+    for expected in (images, listing):
+        assert main(["submission", "--check", str(path), "--images", str(expected)]) == 2
+        err = capsys.readouterr().err
+        assert "1 expected images are missing" in err and "img3" in err
+        assert "1 images are not in the expected set" in err and "stray9" in err
+    assert main(["submission", "--check", str(path), "--images", str(plain)]) == 0
+    assert "every one of the 3 expected images listed once" in capsys.readouterr().out
 
 
 def test_prediction_string_clips_sorts_and_caps():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RPNHead
@@ -56,21 +58,32 @@ def build_stage(cfg: ModelConfig, in_channels: int, stds: list[float], fg_iou: f
         delta_r_grad_through_targets=tsd.delta_r_grad_through_targets, name_suffix=name_suffix)
 
 
-def build_roi_heads(cfg: ModelConfig, in_channels: int) -> RoIHeads:
+def build_roi_heads(cfg: ModelConfig, in_channels: int, label_ancestors: Tensor | None = None) -> RoIHeads:
     """One stage (Faster R-CNN) or the cascade of ``cfg.cascade`` (Cascade R-CNN)."""
     c = cfg.cascade
+    ancestors = None
+    if cfg.roi.classification == "sigmoid":
+        n = cfg.num_classes
+        ancestors = torch.eye(n, dtype=torch.bool) if label_ancestors is None else torch.as_tensor(label_ancestors)
+        if ancestors.shape != (n, n):
+            raise ValueError(f"label_ancestors is {tuple(ancestors.shape)}, the model has {n} classes")
     if not c.enabled:
         stage = build_stage(cfg, in_channels, cfg.roi.target_stds, cfg.roi.fg_iou, cfg.roi.bg_iou, class_agnostic=False)
-        return RoIHeads([stage], [1.0], cfg.test)
+        return RoIHeads([stage], [1.0], cfg.test, label_ancestors=ancestors)
     stages = [build_stage(cfg, in_channels, stds, iou, iou, c.class_agnostic, name_suffix=f"_s{i}")
               for i, (stds, iou) in enumerate(zip(c.stage_stds, c.iou_thresholds, strict=True))]
     return RoIHeads(stages, list(c.stage_weights), cfg.test, score_average=c.score_average,
                     refine_with_background=c.refine_with_background, drop_gt_before_refine=c.drop_gt_before_refine,
-                    clip_refined=c.clip_refined)
+                    clip_refined=c.clip_refined, label_ancestors=ancestors)
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True) -> TSDDetector:
-    """The detector of ``cfg``; with ``load_weights``, the weights files it names are loaded (local paths)."""
+def build_model(cfg: ModelConfig, load_weights: bool = True, label_ancestors: Tensor | None = None) -> TSDDetector:
+    """The detector of ``cfg``; with ``load_weights``, the weights files it names are loaded (local paths).
+
+    ``label_ancestors`` (``[C, C]`` bool, ``Hierarchy.ancestor_matrix``) is what a multi-label
+    classifier (``roi.classification: sigmoid``) trains against; a checkpoint carries it, so
+    inference may leave it out.
+    """
     backbone = build_backbone(cfg.backbone)
     anchors = anchor_generator(cfg)
     r = cfg.rpn
@@ -83,7 +96,7 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> TSDDetector:
         nms_thresh=r.nms_iou)
     i = cfg.input
     transform = GeneralizedRCNNTransform(i.min_size, i.max_size, i.mean, i.std, size_divisible=i.size_divisible)
-    model = TSDDetector(transform, backbone, rpn, build_roi_heads(cfg, backbone.out_channels))
+    model = TSDDetector(transform, backbone, rpn, build_roi_heads(cfg, backbone.out_channels, label_ancestors))
     if load_weights and cfg.weights.backbone:
         load_backbone_weights(model, cfg.weights.backbone)
     if load_weights and cfg.weights.checkpoint:

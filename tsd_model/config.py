@@ -51,6 +51,9 @@ class RoIConfig:
     # or mmdetection v1's RoIAlign (extent x2 + 1 - x1, sizes + 1 for the level), the TSD authors'
     pooling: Literal["aligned", "torchvision_legacy", "mmdet_v1_roi_align"] = "aligned"
     representation_size: int = 1024  # width of the 2fc branches
+    # "softmax" over the annotated classes, or "sigmoid": multi-label over each class and its ancestors
+    # (the hierarchy's; background = all zeros), whose scores cover every level without expansion
+    classification: Literal["softmax", "sigmoid"] = "softmax"
     fc_init: Literal["pytorch_default", "kaiming_normal"] = "pytorch_default"  # authors: kaiming_normal (a=1)
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
@@ -104,6 +107,10 @@ class TestConfig:
     max_detections: int = 100
     tta_scales: list[int] = field(default_factory=list)  # shorter sides for multi-scale test; empty = off
     tta_flip: bool = False
+    # copy every detection to all ancestors of its class (the OID metric scores parents too and never
+    # expands detections); None = on whenever the label space has a hierarchy with parent classes
+    expand_to_ancestors: bool | None = None
+    expand_dedup: Literal["nms", "max"] = "nms"  # copies on one class: per-class NMS at nms_iou, or same-box max
 
 
 @dataclass

@@ -37,6 +37,22 @@ def classification_loss(logits: Tensor, labels: Tensor, weights: Tensor | None =
     return _reduce(F.cross_entropy(logits.float(), labels, reduction="none"), weights)
 
 
+def multilabel_targets(labels: Tensor, ancestors: Tensor) -> Tensor:
+    """``[R, C]`` 0/1 targets of a multi-label head: each positive RoI's class and all its ancestors
+    (``ancestors[i, j]``: class j is class i or an ancestor of it), all zeros for background."""
+    targets = ancestors[(labels - 1).clamp(min=0)].float()
+    return targets * (labels > 0).float()[:, None]
+
+
+def sigmoid_classification_loss(logits: Tensor, labels: Tensor, ancestors: Tensor,
+                                weights: Tensor | None = None) -> Tensor:
+    """Binary cross-entropy of every foreground class (``logits[:, 1:]``; the background logit is
+    unused) against ``multilabel_targets``, summed over classes, averaged over RoIs."""
+    per_roi = F.binary_cross_entropy_with_logits(logits[:, 1:].float(), multilabel_targets(labels, ancestors),
+                                                 reduction="none").sum(dim=1)
+    return _reduce(per_roi, weights)
+
+
 def regression_classes(deltas: Tensor, labels: Tensor, pos: Tensor) -> Tensor:
     """The delta row each positive RoI ``pos`` is regressed with: its class, or 0 when ``deltas``
     is class-agnostic (``[R, 1, 4]``)."""
@@ -67,14 +83,17 @@ def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: f
 
 
 def pc_cls_loss(logits_tsd: Tensor, logits_sibling: Tensor, labels: Tensor, margin: float,
-                weights: Tensor | None = None) -> Tensor:
+                weights: Tensor | None = None, multilabel: bool = False) -> Tensor:
     """Mcls = mean over RoIs of relu(p_sib[y] + m_c' - p_tsd[y]), m_c' = min(1 - p_sib[y], m_c).
 
-    p is the softmax probability of the RoI's target class y (background for negatives); the
-    sibling side is detached: the constraint pushes TSD above the sibling, never the reverse.
+    p is the softmax probability of the RoI's target class y (background for negatives), or with
+    ``multilabel`` the sigmoid probability of y (pass weights of the positives only: a multi-label
+    head has no background probability); the sibling side is detached: the constraint pushes
+    TSD above the sibling, never the reverse.
     """
-    logits = torch.stack([logits_tsd.float(), logits_sibling.detach().float()])  # both in one softmax
-    p_tsd, p_sib = F.softmax(logits, dim=2).gather(2, labels[None, :, None].expand(2, -1, 1))[..., 0].unbind(0)
+    logits = torch.stack([logits_tsd.float(), logits_sibling.detach().float()])  # both in one pass
+    probs = torch.sigmoid(logits) if multilabel else F.softmax(logits, dim=2)
+    p_tsd, p_sib = probs.gather(2, labels[None, :, None].expand(2, -1, 1))[..., 0].unbind(0)
     m = torch.clamp(1.0 - p_sib, max=margin)
     return _reduce(F.relu(p_sib + m - p_tsd), weights)
 

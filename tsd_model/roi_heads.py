@@ -143,17 +143,25 @@ class RoIStage(nn.Module):
         sibling = self.sibling(roi_features) if with_sibling and self.joint_sibling else None
         return StageOutput(roi_features, main, sibling)
 
-    def losses(self, out: StageOutput, sampled: SampledRoIs) -> dict[str, Tensor]:
-        """Named losses; each is a mean over the images of per-image means."""
+    def losses(self, out: StageOutput, sampled: SampledRoIs, ancestors: Tensor | None = None) -> dict[str, Tensor]:
+        """Named losses; each is a mean over the images of per-image means. With ``ancestors`` (the
+        ``[C, C]`` ancestor matrix), classification is multi-label: sigmoid BCE over the class and its
+        ancestors (``losses.multilabel_targets``) instead of the softmax over classes."""
         labels, gt_boxes, counts = sampled.labels, sampled.gt_boxes, sampled.counts
         boxes = out.rois.boxes
         w = L.per_image_weights(counts).to(boxes.device)
         pos = torch.nonzero(labels > 0).flatten()  # once: each nonzero waits for the device
         gt_pos = gt_boxes[pos]  # regression targets exist for positives only
+
+        def classification(logits: Tensor) -> Tensor:
+            if ancestors is None:
+                return L.classification_loss(logits, labels, w)
+            return L.sigmoid_classification_loss(logits, labels, ancestors, w)
+
         losses: dict[str, Tensor] = {}
         if out.sibling is not None:
             targets = self.coder.encode_single(gt_pos, boxes[pos])
-            losses["loss_sibling_cls"] = L.classification_loss(out.sibling.logits, labels, w)
+            losses["loss_sibling_cls"] = classification(out.sibling.logits)
             losses["loss_sibling_box"] = L.box_regression_loss(out.sibling.deltas, targets, labels, self.beta, w, pos)
         main = out.main
         reg_boxes = main.reg_boxes
@@ -161,12 +169,14 @@ class RoIStage(nn.Module):
             reg_boxes = reg_boxes.detach()
         targets = self.coder.encode_single(gt_pos, reg_boxes[pos])
         name = self.head_type
-        losses[f"loss_{name}_cls"] = L.classification_loss(main.logits, labels, w)
+        losses[f"loss_{name}_cls"] = classification(main.logits)
         losses[f"loss_{name}_box"] = L.box_regression_loss(main.deltas, targets, labels, self.beta, w, pos)
+        w_pos = L.per_image_weights(counts, labels > 0)
         if out.sibling is not None and self.pc_cls_margin is not None:
-            losses["loss_pc_cls"] = L.pc_cls_loss(main.logits, out.sibling.logits, labels, self.pc_cls_margin, w)
+            losses["loss_pc_cls"] = L.pc_cls_loss(main.logits, out.sibling.logits, labels, self.pc_cls_margin,
+                                                  w if ancestors is None else w_pos, multilabel=ancestors is not None)
         if out.sibling is not None and self.pc_loc_margin is not None:
-            w_pos = L.per_image_weights(counts, labels > 0)[pos]
+            w_pos = w_pos[pos]
             cls = L.regression_classes(main.deltas, labels, pos)
             boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
                 torch.stack([main.deltas[pos, cls], out.sibling.deltas[pos, cls]]).float(),
@@ -201,12 +211,19 @@ class RoIHeads(nn.Module):
         drop_gt_before_refine: in training, gt boxes added as proposals are not passed on to the
             next stage (the authors).
         clip_refined: refined boxes are clipped to the image (the authors).
+        label_ancestors: ``[C, C]`` bool ancestor matrix of the label space for a multi-label
+            (sigmoid) classifier over each class and its ancestors; None for the softmax over
+            classes. Kept as a buffer, so that a checkpoint carries the hierarchy it was trained with.
     """
 
     def __init__(self, stages: list[RoIStage], stage_weights: list[float], test: TestConfig, *,
                  score_average: Literal["logits", "probs"] = "logits", refine_with_background: bool = True,
-                 drop_gt_before_refine: bool = True, clip_refined: bool = True) -> None:
+                 drop_gt_before_refine: bool = True, clip_refined: bool = True,
+                 label_ancestors: Tensor | None = None) -> None:
         super().__init__()
+        self.multilabel = label_ancestors is not None
+        if label_ancestors is not None:
+            self.register_buffer("label_ancestors", label_ancestors.to(torch.bool))
         if len(stages) != len(stage_weights):
             raise ValueError(f"{len(stages)} stages but {len(stage_weights)} stage weights")
         self.stages = nn.ModuleList(stages)
@@ -217,6 +234,14 @@ class RoIHeads(nn.Module):
         self.drop_gt_before_refine = drop_gt_before_refine
         self.clip_refined = clip_refined
 
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """``[R, C + 1]`` class scores: the softmax, or per-class sigmoids (background 0) when multi-label."""
+        if not self.multilabel:
+            return torch.softmax(logits, dim=1)
+        scores = torch.sigmoid(logits)
+        scores[:, 0] = 0.0
+        return scores
+
     def refine(self, stage: RoIStage, out: StageOutput, image_sizes: list[tuple[int, int]], counts: list[int],
                sampled: SampledRoIs | None = None) -> list[Tensor]:
         """The next stage's proposals per image (``counts`` RoIs each) from this stage's output, no gradient."""
@@ -224,7 +249,8 @@ class RoIHeads(nn.Module):
             labels = sampled.labels if self.refine_with_background else sampled.labels.clamp(min=1)
         else:
             logits = out.main.logits
-            labels = logits.argmax(dim=1) if self.refine_with_background else logits[:, 1:].argmax(dim=1) + 1
+            with_background = self.refine_with_background and not self.multilabel  # sigmoid: no background score
+            labels = logits.argmax(dim=1) if with_background else logits[:, 1:].argmax(dim=1) + 1
         boxes = stage.boxes_for(out.main, labels)
         keep = ~sampled.from_gt if sampled is not None and self.drop_gt_before_refine else None
         result = []
@@ -242,7 +268,8 @@ class RoIHeads(nn.Module):
             for i, (stage, weight) in enumerate(zip(self.stages, self.stage_weights, strict=True)):
                 sampled = stage.sample(proposals, targets)
                 out = stage.run(features, sampled.boxes, with_sibling=True)
-                for name, value in stage.losses(out, sampled).items():
+                ancestors = self.label_ancestors if self.multilabel else None
+                for name, value in stage.losses(out, sampled, ancestors).items():
                     losses[name] = value * weight
                 if i + 1 < len(self.stages):
                     proposals = self.refine(stage, out, image_sizes, sampled.counts, sampled)
@@ -252,12 +279,12 @@ class RoIHeads(nn.Module):
         for i, stage in enumerate(self.stages):
             out = stage.run(features, proposals, with_sibling=False)
             logits = out.main.logits.float()
-            scores = logits if self.score_average == "logits" else torch.softmax(logits, dim=1)
+            scores = logits if self.score_average == "logits" else self.probabilities(logits)
             combined = scores if combined is None else combined + scores
             if i + 1 < len(self.stages):
                 proposals = self.refine(stage, out, image_sizes, counts)
         combined = combined / len(self.stages)
-        scores = torch.softmax(combined, dim=1) if self.score_average == "logits" else combined
+        scores = self.probabilities(combined) if self.score_average == "logits" else combined
         boxes = self.stages[-1].decode(out.main)
         detections = []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True):
