@@ -41,12 +41,7 @@ def test_parameter_counts_are_the_papers():
     assert round((_count(tsd) - skipped_params) / 1e6, 2) == 59.02
 
 
-def test_torchvision_checkpoint_loads_into_the_sibling_model(tmp_path):
-    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81)
-    ours = build_model(_coco("sibling"))
-    renamed = {k.replace("roi_heads.box_head.", "roi_heads.stages.0.sibling.box_head.")
-               .replace("roi_heads.box_predictor.", "roi_heads.stages.0.sibling."): v for k, v in tv.state_dict().items()}
-    assert set(renamed) == set(ours.state_dict())
+# a torchvision Faster R-CNN checkpoint in our model: tests/test_convert.py (same detections, not just keys)
 
 
 def test_training_step_losses_and_gradients():
