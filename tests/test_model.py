@@ -390,3 +390,34 @@ def test_pooled_linear_built_under_inference_mode():
         pooled = torch.randn(5, 2, 2, 4).permute(0, 3, 1, 2)
         expected = torch.nn.functional.linear(pooled.contiguous().flatten(1), layer.weight, layer.bias)
         torch.testing.assert_close(layer(pooled), expected)
+
+
+def test_adj_nms_rescoring_with_soft_nms_then_a_hard_nms():
+    from tsd_model.postprocess import class_aware_nms
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 12], [50, 50, 60, 60]])
+    scores = torch.tensor([0.9, 0.8, 0.75, 0.7])
+    labels = torch.tensor([0, 0, 1, 0])
+    keep, new, kept = class_aware_nms(boxes, scores, labels, TestConfig(nms="adj", nms_iou=0.5, soft_nms_sigma=0.5,
+                                                                        score_thresh=0.01))
+    # class 0: box 1 (IoU 9/11 with box 0) is decayed to .8 exp(-(9/11)^2 / .5), then removed by the hard NMS;
+    # box 2 is alone in class 1; box 3 overlaps nothing
+    assert keep.tolist() == [0, 2, 3]
+    torch.testing.assert_close(new, torch.tensor([0.9, 0.75, 0.7]))
+    torch.testing.assert_close(kept, boxes[[0, 2, 3]])
+
+
+def test_voting_moves_a_kept_box_to_the_weighted_mean_of_its_top_k_neighbours():
+    from tsd_model.postprocess import class_aware_nms
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [2, 0, 12, 10], [0, 1, 10, 11], [1, 0, 11, 10], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.6, 0.3, 0.1, 0.8])
+    labels = torch.tensor([0, 0, 0, 0, 1])  # the last box is another class: no vote
+    cfg = TestConfig(nms="voting", nms_iou=0.5, vote_iou=0.6, vote_top_k=3)
+    keep, new, kept = class_aware_nms(boxes, scores, labels, cfg)
+    assert keep.tolist() == [0, 4]
+    # voters of box 0 (IoU >= .6, best 3): itself (.9), box 1 (.6, IoU 8/12), box 2 (.3, IoU 9/11); box 3 is the 4th
+    expected = (0.9 * boxes[0] + 0.6 * boxes[1] + 0.3 * boxes[2]) / 1.8
+    torch.testing.assert_close(kept[0], expected)
+    torch.testing.assert_close(kept[1], boxes[4])
+    torch.testing.assert_close(new, torch.tensor([0.9, 0.8]))

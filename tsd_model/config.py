@@ -101,9 +101,11 @@ class TestConfig:
     __test__ = False  # not a pytest test class
 
     score_thresh: float = 0.05  # the authors: 0.01 for OID, 0.0 for COCO (what the paper configs use)
-    nms: Literal["nms", "soft_linear", "soft_gaussian"] = "nms"
+    nms: Literal["nms", "soft_linear", "soft_gaussian", "adj", "voting"] = "nms"  # postprocess.class_aware_nms
     nms_iou: float = 0.5
     soft_nms_sigma: float = 0.5
+    vote_iou: float = 0.7  # voting: boxes of the class overlapping a kept box this much vote its coordinates
+    vote_top_k: int = 5  # voting: at most this many (the best-scoring) voters per kept box
     max_detections: int = 100
     tta_scales: list[int] = field(default_factory=list)  # shorter sides for multi-scale test; empty = off
     tta_flip: bool = False

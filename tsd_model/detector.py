@@ -72,7 +72,7 @@ class TSDDetector(nn.Module):
             boxes = torch.cat([p[i]["boxes"] for p in passes])
             scores = torch.cat([p[i]["scores"] for p in passes])
             labels = torch.cat([p[i]["labels"] for p in passes])
-            keep, kept_scores = class_aware_nms(boxes, scores, labels, test)
-            keep, kept_scores = keep[: test.max_detections], kept_scores[: test.max_detections]
-            merged.append({"boxes": boxes[keep], "scores": kept_scores, "labels": labels[keep]})
+            keep, kept_scores, kept_boxes = class_aware_nms(boxes, scores, labels, test)
+            n = test.max_detections
+            merged.append({"boxes": kept_boxes[:n], "scores": kept_scores[:n], "labels": labels[keep[:n]]})
         return merged

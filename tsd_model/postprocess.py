@@ -1,4 +1,4 @@
-"""From per-RoI class scores and boxes to detections: thresholds, NMS or Soft-NMS, top-k."""
+"""From per-RoI class scores and boxes to detections: thresholds, NMS / Soft-NMS / adj-NMS / box voting, top-k."""
 
 from __future__ import annotations
 
@@ -40,17 +40,49 @@ def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, 
     return torch.stack(keep), torch.stack(kept_scores)
 
 
-def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, cfg: TestConfig) -> tuple[Tensor, Tensor]:
-    """Per-class NMS or Soft-NMS; returns kept indices sorted by (decayed) score and those scores."""
-    if cfg.nms == "nms":
+def vote_boxes(kept: Tensor, kept_labels: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor,
+               iou_threshold: float, top_k: int) -> Tensor:
+    """Box voting: each kept box becomes the score-weighted mean of the ``top_k`` best boxes of its
+    class that overlap it by at least ``iou_threshold`` (itself included); the 2nd place of OID 2019
+    used such top-k voting after NMS."""
+    if len(kept) == 0 or len(boxes) == 0:
+        return kept
+    order = torch.argsort(scores, descending=True)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    near = (box_iou(kept, boxes) >= iou_threshold) & (kept_labels[:, None] == labels[None, :])  # [K, N]
+    near &= torch.cumsum(near.int(), dim=1) <= top_k  # the top_k best of the neighbours
+    weights = near.to(scores.dtype) * scores[None, :]
+    voted = (weights @ boxes) / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    return torch.where(near.any(dim=1, keepdim=True), voted, kept)
+
+
+def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, cfg: TestConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class suppression (``cfg.nms``); returns the kept indices sorted by (new) score, their
+    scores and their boxes:
+
+    - ``nms``: hard NMS at ``nms_iou``;
+    - ``soft_linear`` / ``soft_gaussian``: Soft-NMS (scores decayed instead of boxes removed);
+    - ``adj``: Soft-NMS (Gaussian) scores, then a hard NMS at ``nms_iou`` on them (the "adj-NMS" of
+      OID 2019's 1st place: soft-NMS inside per-class NMS);
+    - ``voting``: hard NMS, then every kept box voted from its ``vote_top_k`` best overlapping boxes
+      (IoU >= ``vote_iou``) of the same class.
+    """
+    if cfg.nms in ("nms", "voting"):
         keep = batched_nms(boxes, scores, labels, cfg.nms_iou)
-        return keep, scores[keep]
+        kept = boxes[keep]
+        if cfg.nms == "voting":
+            kept = vote_boxes(kept, labels[keep], boxes, scores, labels, cfg.vote_iou, cfg.vote_top_k)
+        return keep, scores[keep], kept
     # offset each class into its own region so that one pass never mixes classes (as batched_nms does)
     offset = labels.to(boxes) * (boxes.max() + 1)
-    keep, new_scores = soft_nms(boxes + offset[:, None], scores, cfg.nms_iou, cfg.soft_nms_sigma,
-                                cfg.nms.removeprefix("soft_"), cfg.score_thresh)
+    method = "gaussian" if cfg.nms == "adj" else cfg.nms.removeprefix("soft_")
+    keep, new_scores = soft_nms(boxes + offset[:, None], scores, cfg.nms_iou, cfg.soft_nms_sigma, method,
+                                cfg.score_thresh)
+    if cfg.nms == "adj":
+        hard = batched_nms(boxes[keep], new_scores, labels[keep], cfg.nms_iou)
+        keep, new_scores = keep[hard], new_scores[hard]
     order = torch.argsort(new_scores, descending=True)
-    return keep[order], new_scores[order]
+    return keep[order], new_scores[order], boxes[keep[order]]
 
 
 def postprocess_detections(boxes: Tensor, scores: Tensor, image_size: tuple[int, int], cfg: TestConfig
@@ -71,6 +103,6 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, image_size: tuple[int,
     boxes, scores, labels = boxes[idx], scores[idx], labels[idx]
     idx = remove_small_boxes(boxes, min_size=1e-2)
     boxes, scores, labels = boxes[idx], scores[idx], labels[idx]
-    keep, kept_scores = class_aware_nms(boxes, scores, labels, cfg)
-    keep, kept_scores = keep[: cfg.max_detections], kept_scores[: cfg.max_detections]
-    return {"boxes": boxes[keep], "scores": kept_scores, "labels": labels[keep]}
+    keep, kept_scores, kept_boxes = class_aware_nms(boxes, scores, labels, cfg)
+    n = cfg.max_detections
+    return {"boxes": kept_boxes[:n], "scores": kept_scores[:n], "labels": labels[keep[:n]]}
