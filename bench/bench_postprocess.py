@@ -4,7 +4,9 @@
    checkpoint) evaluated on its validation split with each suppression method (``nms``,
    ``soft_gaussian``, ``adj``, ``voting``), with and without the expansion of detections to
    ancestor classes; official OID metric, mAP and the leaf / parent split.
-2. Cost: ``AncestorExpansion`` on the challenge's 500-class hierarchy (the real file, from the
+2. Capping: mAP at N detections per image (after the expansion) and the bytes per detection of
+   the submission file.
+3. Cost: ``AncestorExpansion`` on the challenge's 500-class hierarchy (the real file, from the
    test fixtures) at 100 detections per image of random classes, in ms per image.
 
     python bench/bench_postprocess.py --workdir work
@@ -66,6 +68,41 @@ def quality(config: Path, checkpoint: str) -> list[dict]:
     return rows
 
 
+def capping(config: Path, checkpoint: str, caps: tuple[int, ...] = (5, 10, 20, 50, 100)) -> list[dict]:
+    """mAP when a submission keeps at most N detections per image (after the expansion), and the
+    bytes a detection takes in the submission file (what sizes a 100k-image upload)."""
+    from data_prep.prep import load_label_space
+    from pipeline.config import load_config
+    from pipeline.evaluate import detect_range, load_model_for_inference, score_detections, split_ground_truth
+    from pipeline.submission import prediction_string
+
+    cfg = load_config(config, ["model.test.score_thresh=0.01", "model.test.max_detections=100"])
+    inputs = split_ground_truth(cfg, "validation")
+    model = load_model_for_inference(cfg, checkpoint, torch.device("cpu"))
+    model.roi_heads.test = cfg.model.test
+    detections = detect_range(model, cfg, "validation", 0, 10**9, 4, torch.device("cpu"))
+    mids = load_label_space(cfg.data)[0].mids
+    keys = np.asarray(detections["keys"], dtype=object)
+    rows = []
+    for cap in caps:
+        keep = []
+        text_bytes = 0
+        for key in dict.fromkeys(detections["keys"]):
+            idx = np.flatnonzero(keys == key)
+            idx = idx[np.argsort(-detections["scores"][idx], kind="stable")][:cap]
+            keep.append(idx)
+            text_bytes += len(prediction_string([mids[c] for c in detections["classes"][idx]],
+                                                detections["scores"][idx], detections["boxes"][idx]))
+        keep = np.concatenate(keep)
+        capped = {k: (v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep]) for k, v in detections.items()}
+        result = score_detections(inputs, capped)
+        row = {"max_per_image": cap, "mAP": round(result.mean_ap(0), 4), "detections": int(len(keep)),
+               "bytes_per_detection": round(text_bytes / max(1, len(keep)), 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def expansion_cost(images: int = 300, per_image: int = 100) -> dict:
     from data_prep.hierarchy import Hierarchy
     from data_prep.labels import LabelSpace
@@ -109,6 +146,7 @@ def main() -> None:
         config, checkpoint = newest_run(Path(args.workdir))
         result["run"] = str(config.parent)
         result["quality"] = quality(config, checkpoint)
+        result["capping"] = capping(config, checkpoint)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -122,7 +122,7 @@ def cmd_submission(args: argparse.Namespace) -> int:
     from pipeline.evaluate import run_submission
 
     if not (args.config and args.checkpoint and args.images and args.out):
-        raise TsdError("tsd submission: give --check FILE, or --config, --checkpoint, --images and --out")
+        raise TsdError("give --check FILE, or --config, --checkpoint, --images and --out")
     cfg = load_config(args.config, args.overrides)
     counts = run_submission(cfg, args.checkpoint, args.images, args.out, address=args.address)
     print(f"{args.out}: {counts['images']} images, {counts['detections']} detections")
@@ -186,6 +186,19 @@ def _follow(jobs, address: str, job_id: str) -> int:
     return 0 if state == "SUCCEEDED" else 1
 
 
+def _read_report(path: str) -> dict:
+    """A ``report.json`` of `tsd evaluate` / `tsd score`, or one clear error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TsdError(f"{path}: no such report") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TsdError(f"{path}: not a JSON report ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or "ap_at_iou" not in data or "mAP" not in data:
+        raise TsdError(f"{path}: not a report of `tsd evaluate` or `tsd score` (no 'mAP' / 'ap_at_iou')")
+    return data
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -194,18 +207,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if args.report:
         from pipeline.visualize import plot_ap_vs_iou
 
-        reports = {Path(r).parent.name + f"#{k}": json.loads(Path(r).read_text()) for k, r in enumerate(args.report)}
+        reports = {Path(r).parent.name + f"#{k}": _read_report(r) for k, r in enumerate(args.report)}
         plot_ap_vs_iou(out / "ap_vs_iou.png", reports)
         print(f"{out / 'ap_vs_iou.png'}")
     if args.images:
         if not (args.config and args.checkpoint):
-            raise TsdError("tsd visualize --images needs --config and --checkpoint")
+            raise TsdError("--images needs --config and --checkpoint")
         from pipeline.visualize_job import visualize_images
 
         for path in visualize_images(args.config, args.overrides, args.checkpoint, args.images, out, args.limit):
             print(path)
     if not (args.report or args.images):
-        raise TsdError("tsd visualize: give --images (with --config and --checkpoint) and/or --report")
+        raise TsdError("give --images (with --config and --checkpoint) and/or --report")
     return 0
 
 
@@ -251,9 +264,30 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tsd-oid")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
+
+
+class _SubcommandParsers(argparse._SubParsersAction):
+    """Subcommand parsers that also take the common options (``--debug`` after the subcommand too)."""
+
+    def add_parser(self, name, **kwargs):
+        parser = super().add_parser(name, **kwargs)
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show tracebacks of errors")
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsd", description="TSD object detectors on OpenImages, on Ray.")
+    parser.register("action", "parsers", _SubcommandParsers)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"tsd-oid {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a small synthetic dataset in the official OID formats")
@@ -366,9 +400,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)subcommand's own parser, for its usage line in an error."""
+    current = parser
+    for dest in ("command", "job_command", "weights_command"):
+        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest]
+        name = getattr(args, dest, None)
+        if not actions or name not in actions[0].choices:
+            break
+        current = actions[0].choices[name]
+    return current
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not (getattr(args, "cmd", None) is not None and args.command == "job"):
+        _subcommand_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `tsd model-info ... | head -1`: the reader left; end quietly, as a shell tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+
+
+def _run(args: argparse.Namespace) -> int:
     if not getattr(args, "address", None) and not os.environ.get("RAY_ADDRESS") and args.command != "job":
         from data_prep.ray_runtime import keep_on_loopback
 

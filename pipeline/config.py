@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -174,6 +175,22 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and every user) does: PyYAML follows YAML
+    1.1, where ``1e-4`` or ``5e3`` (no dot in the mantissa) are strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as data, numbers as YAML 1.2 reads them (``1e-4``, ``1E-4``, ``1.0e-4``, ``5e3``)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` strings to the raw mapping (values parsed as YAML)."""
     for item in overrides:
@@ -181,7 +198,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = parse_yaml(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
         node = raw
@@ -206,7 +223,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(raw, dict):

@@ -59,3 +59,44 @@ def test_installed_console_script_runs():
         pytest.skip("the console script is installed by `pip install -e .` (make test does it)")
     result = subprocess.run([tsd, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "synth" in result.stdout and "prep" in result.stdout
+
+
+def test_version_and_debug_after_the_subcommand():
+    result = _tsd("--version")
+    assert result.returncode == 0 and result.stdout.startswith("tsd-oid ")
+    result = _tsd("prep", "--config", "/nonexistent.yaml", "--debug")
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_a_wrong_flag_shows_the_subcommands_usage():
+    result = _tsd("synth", "--out", "x", "--bogus")
+    assert result.returncode == 2
+    assert "usage: tsd synth" in result.stderr and "unrecognized arguments: --bogus" in result.stderr
+    result = _tsd("job", "status", "--address", "http://127.0.0.1:1", "id", "--bogus")
+    assert "usage: tsd job status" in result.stderr
+
+
+def test_errors_are_prefixed_once(tmp_path):
+    result = _tsd("submission", "--out", str(tmp_path / "s.csv"))
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.strip() == ("tsd submission: error: give --check FILE, or --config, --checkpoint, "
+                                     "--images and --out")
+
+
+def test_a_closed_pipe_ends_quietly():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = (f"{sys.executable} -m pipeline.cli model-info --config {REPO / 'configs' / 'tiny.yaml'} --no-flops"
+           " | head -1")
+    result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.startswith("tiny:") and len(result.stdout.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+def test_visualize_names_a_missing_or_foreign_report(tmp_path):
+    result = _tsd("visualize", "--report", str(tmp_path / "missing.json"), "--out", str(tmp_path / "figs"))
+    assert result.returncode == EXIT_USER_ERROR and "missing.json: no such report" in result.stderr
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    result = _tsd("visualize", "--report", str(other), "--out", str(tmp_path / "figs"))
+    assert result.returncode == EXIT_USER_ERROR and "not a report of `tsd evaluate`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -48,3 +48,13 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert cfg.prep.resize_short_side is None
     assert cfg.data.splits["extra"].images == "x" and cfg.data.splits["extra"].boxes is None
     assert cfg.data.splits["train"].boxes == "train-annotations-bbox.csv"
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("1.0e-4", 1e-4), ("5e3", 5e3),
+                                         ("-2.5e+2", -250.0), (".5e1", 5.0), ("0.0001", 1e-4), ("3", 3.0)])
+def test_every_number_a_user_writes_loads(text, value, tmp_path):
+    path = tmp_path / "n.yaml"
+    path.write_text(f"train:\n  weight_decay: {text}\n")
+    assert load_config(path).train.weight_decay == value
+    assert load_config(None, [f"train.base_lr_per_image={text}"]).train.base_lr_per_image == value
+    assert load_config(None, [f"name={text}x"]).name == f"{text}x"  # not a number: still a string
