@@ -90,7 +90,8 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
 
     cfg = load_config(REPO / "configs" / "tiny.yaml",
                       [f"data.root={synth}", f"data.shards={shards}", f"train.seed={seed}", f"train.epochs={epochs}",
-                       "loader.num_workers=0", *overrides])
+                       "loader.num_workers=0", "model.test.score_thresh=0.01", "model.test.max_detections=100",
+                       *overrides])
     tc = cfg.train
     batch = tc.images_per_worker * tc.num_workers  # the demo's global batch, here on one process
     torch.manual_seed(seed)

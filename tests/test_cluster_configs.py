@@ -56,6 +56,9 @@ def test_aws_config_matches_the_project():
     mount = next(iter(cfg["file_mounts"]))
     assert any("pip install" in c and mount in c for c in cfg["setup_commands"])  # installs this checkout
     assert any("--head" in c and "--dashboard-host" in c for c in cfg["head_start_ray_commands"])
+    assert {"data", "runs", "shards", "work", ".venv"} <= set(cfg["rsync_exclude"])  # never synced to the nodes
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert {"data/", "runs/", "shards/", "weights/"} <= set(ignored)
 
 
 def test_kuberay_rayjob_is_complete_and_runs_a_real_command():

@@ -55,6 +55,7 @@ def test_entrypoint_and_runtime_env():
     assert jobs.entrypoint_for(["tsd", "train", "--config", "a b.yaml"]) == "python -m pipeline.cli train --config 'a b.yaml'"
     env = jobs.runtime_env(str(REPO), ["boto3"], {"A": "1"})
     assert env["working_dir"] == str(REPO) and ".venv" in env["excludes"] and env["pip"] == ["boto3"]
+    assert {"data", "runs", "shards", "work"} <= set(env["excludes"])  # the OID data is never uploaded
     with pytest.raises(jobs.JobError, match="no command"):
         jobs.entrypoint_for([])
 
