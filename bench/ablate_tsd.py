@@ -99,7 +99,8 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
     model.train()
     optimizer = torch.optim.SGD(parameter_groups(model, tc), lr=tc.base_lr_per_image, momentum=tc.momentum)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    dataset = ShardDataset(str(shards), tc.split, cfg.model.input.min_size, cfg.model.input.max_size)
+    dataset = ShardDataset(str(shards), tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
+                           use_expanded_labels=cfg.loader.use_expanded_labels)
     ipe = max(1, len(dataset) // batch)
     sampler = GlobalBatchSampler(dataset.index.labels, dataset.index.widths >= dataset.index.heights,
                                  cfg.model.num_classes, batch, 1, 0, tc.seed, ipe,

@@ -71,7 +71,8 @@ def run(config: str, overrides: list[str], device: torch.device, worker_counts: 
     optimizer = torch.optim.SGD(parameter_groups(model, tc), lr=tc.base_lr_per_image, momentum=tc.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16" and device.type == "cuda")
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.amp)
-    dataset = ShardDataset(shards, tc.split, cfg.model.input.min_size, cfg.model.input.max_size)
+    dataset = ShardDataset(shards, tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
+                           use_expanded_labels=cfg.loader.use_expanded_labels)
     batch = tc.images_per_worker * tc.grad_accumulation
     ipe = warmup + iterations
     sampler = GlobalBatchSampler(dataset.index.labels, dataset.index.widths >= dataset.index.heights,

@@ -57,9 +57,10 @@ def shutdown_ray(started: bool) -> None:
 
 
 def gather_with_progress(refs: list, desc: str, unit: str = "task", progress: bool = True,
-                         initial: int = 0, total: int | None = None) -> list:
-    """``ray.get`` of every ref, in order, with a progress bar that moves as tasks finish; the
-    unfinished tasks are cancelled if this is interrupted or a task fails."""
+                         initial: int = 0, total: int | None = None, sizes: list[int] | None = None) -> list:
+    """``ray.get`` of every ref, in order, with a progress bar that moves as tasks finish (by each
+    task's entry in ``sizes``, e.g. its images, else by one); the unfinished tasks are cancelled if
+    this is interrupted or a task fails."""
     import ray
     from tqdm import tqdm
 
@@ -67,12 +68,13 @@ def gather_with_progress(refs: list, desc: str, unit: str = "task", progress: bo
     position = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)
     try:
-        with tqdm(total=total if total is not None else len(refs), initial=initial, desc=desc, unit=unit,
+        steps = sizes if sizes is not None else [1] * len(refs)
+        with tqdm(total=total if total is not None else sum(steps), initial=initial, desc=desc, unit=unit,
                   disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 results[position[done[0]]] = ray.get(done[0])  # a task's error is raised as soon as it happens
-                bar.update(len(done))
+                bar.update(steps[position[done[0]]])
         return results
     finally:
         for ref in pending:

@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import run_training
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_training(cfg, address=args.address, resume=args.resume)
+    summary = run_training(cfg, address=args.address, resume=args.resume, verbose=args.verbose)
     metrics = summary["metrics"] or {}
     print(f"run {summary['run']}: finished at iteration {metrics.get('iteration')} "
           f"(epoch {metrics.get('epoch')}, {metrics.get('restarts', 0)} restarts, "
@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import print_summary, run_demo
 
-    print_summary(run_demo(args.workdir, args.config, args.overrides))
+    print_summary(run_demo(args.workdir, args.config, args.overrides, verbose=args.verbose))
     return 0
 
 
@@ -312,10 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
+    p.add_argument("--verbose", action="store_true", help="Ray Train's own log lines too (kept at warnings otherwise)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the whole job end to end on the bundled synthetic dataset")
     p.add_argument("--workdir", default="work", help="where the dataset, shards and runs go")
+    p.add_argument("--verbose", action="store_true", help="Ray Train's own log lines too (kept at warnings otherwise)")
     _add_config_args(p, required=False)
     p.set_defaults(func=cmd_demo)
 

@@ -23,7 +23,8 @@ from pipeline.train import run_training
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: list[str] | None = None,
+             verbose: bool = False) -> dict:
     work = Path(workdir).resolve()
     synth, shards, runs = work / "synth", work / "shards", work / "runs"
     run_name = time.strftime("tiny-%Y%m%d-%H%M%S")
@@ -44,7 +45,7 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
         for line in summary_lines(manifest):
             print("   " + line)
         print(f"== 3/6 training the tiny TSD model with {cfg.train.num_workers} Ray workers", flush=True)
-        trained = run_training(cfg)
+        trained = run_training(cfg, verbose=verbose)
         print("== 4/6 evaluating it on the validation split (official OID metric)", flush=True)
         evaluation = run_evaluation(cfg, trained["checkpoint"], "validation", str(runs / run_name / "eval-validation"),
                                     tensorboard_dir=trained["tensorboard"],

@@ -155,9 +155,10 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, address: s
     try:
         remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(
             _infer_shard_range)
-        refs = [remote.remote(cfg_dict, split, str(checkpoint), int(a), int(b), cfg.train.images_per_worker)
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        parts = gather_with_progress(refs, f"inference {split}", progress=progress)
+        ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        refs = [remote.remote(cfg_dict, split, str(checkpoint), a, b, cfg.train.images_per_worker) for a, b in ranges]
+        parts = gather_with_progress(refs, f"inference {split}", unit="img", progress=progress,
+                                     sizes=[b - a for a, b in ranges])
     finally:
         shutdown_ray(started)
     return {**merge_detections(parts), "num_images": n}
@@ -334,9 +335,10 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
     started = init_ray(address)
     try:
         remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_infer_files)
-        refs = [remote.remote(cfg_dict, list(labels.mids), str(checkpoint), images, chunk, max_det)
-                for chunk in chunks if chunk]
-        rows = [row for part in gather_with_progress(refs, "submission", progress=progress) for row in part]
+        chunks = [chunk for chunk in chunks if chunk]
+        refs = [remote.remote(cfg_dict, list(labels.mids), str(checkpoint), images, chunk, max_det) for chunk in chunks]
+        rows = [row for part in gather_with_progress(refs, "submission", unit="img", progress=progress,
+                                                     sizes=[len(c) for c in chunks]) for row in part]
     finally:
         shutdown_ray(started)
     write_submission(out, sorted(rows))

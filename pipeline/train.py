@@ -161,6 +161,19 @@ def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int,
                       pin_memory=cfg.train.use_gpu, **extra)
 
 
+def _quiet_ray_train_worker_logs() -> None:
+    """Ray Train logs a line per rank and report on every worker from a logger named after its
+    source file, outside ``ray.train``, so ``RunConfig(logging_config=...)`` does not reach it:
+    keep that logger at warnings too."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best in one piece
     import ray.train
     import ray.train.torch
@@ -177,6 +190,8 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     cfg = from_dict(ExperimentConfig, loop_config["config"])
     tc = cfg.train
     run_name = loop_config["run_name"]
+    if not loop_config.get("verbose"):
+        _quiet_ray_train_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -397,11 +412,14 @@ def _run_exists(storage_path: str, name: str, endpoint_url: str | None) -> bool:
     return any(True for _ in storage.list())
 
 
-def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool = False) -> dict:
-    """Train with Ray Train; returns a summary (run name, final metrics, checkpoint, TensorBoard dir)."""
+def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool = False, verbose: bool = False) -> dict:
+    """Train with Ray Train; returns a summary (run name, final metrics, checkpoint, TensorBoard dir).
+
+    Ray Train's own console logging (a line per rank and report) is kept at warnings unless
+    ``verbose``; our progress bar, summaries and errors are unaffected."""
     import dataclasses
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from data_prep.prep import index_name
@@ -440,11 +458,12 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "run_name": name},
+        train_loop_config={"config": to_dict(cfg), "run_name": name, "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
     started = init_ray(address)
     try:

@@ -179,3 +179,17 @@ def test_streaming_mode_trains_from_webdataset(shards, tmp_path):
                                 "train.num_workers=2", "train.images_per_worker=1", "train.max_iterations=3",
                                 "train.image_log_every=0"))
     assert summary["metrics"]["iteration"] == 3
+
+
+def test_ray_trains_own_log_lines_only_with_verbose(shards, tmp_path, capfd):
+    """Ray Train logs a line per rank and report; the console keeps them only for --verbose."""
+    quick = ["train.num_workers=2", "train.images_per_worker=1", "train.max_iterations=2", "train.checkpoint_every=1",
+             "train.image_log_every=0", "loader.num_workers=0"]
+    run_training(_cfg(shards, tmp_path, "quiet", *quick))
+    time.sleep(2)  # worker logs reach the driver asynchronously
+    quiet = capfd.readouterr()
+    run_training(_cfg(shards, tmp_path, "chatty", *quick), verbose=True)
+    time.sleep(2)
+    chatty = capfd.readouterr()
+    assert "Reporting training result" in chatty.out + chatty.err  # the control: the lines exist...
+    assert "Reporting training result" not in quiet.out + quiet.err  # ...and are gone by default
