@@ -246,6 +246,13 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipeline.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     import torch
 
@@ -382,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the PNG files")
     p.set_defaults(func=cmd_visualize)
 
+    p = sub.add_parser("config", help="print a config as it resolves (defaults, file, --set overrides)")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = csub.add_parser("show", help="tsd config show --config FILE [--set key=value ...]: the resolved YAML")
+    _add_config_args(q)
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("weights", help="convert checkpoints of torchvision or the TSD authors into ours")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     q = wsub.add_parser("convert", help="tsd weights convert --from torchvision|mmdet-v1-tsd IN.pth OUT.pt")
@@ -405,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The (sub)subcommand's own parser, for its usage line in an error."""
     current = parser
-    for dest in ("command", "job_command", "weights_command"):
+    for dest in ("command", "job_command", "weights_command", "config_command"):
         actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest]
         name = getattr(args, dest, None)
         if not actions or name not in actions[0].choices:

@@ -100,3 +100,13 @@ def test_visualize_names_a_missing_or_foreign_report(tmp_path):
     result = _tsd("visualize", "--report", str(other), "--out", str(tmp_path / "figs"))
     assert result.returncode == EXIT_USER_ERROR and "not a report of `tsd evaluate`" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    import yaml
+
+    assert main(["config", "show", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", "train.weight_decay=1e-3",
+                 "--set", "model.tsd.pooling=authors"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["weight_decay"] == 0.001 and shown["model"]["tsd"]["pooling"] == "authors"
+    assert shown["model"]["rpn"]["nms_iou"] == 0.7  # defaults the file does not name are shown too
