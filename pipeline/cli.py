@@ -154,12 +154,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_job(args: argparse.Namespace) -> int:
     from cluster import jobs
 
+    args.address = args.address or os.environ.get("RAY_ADDRESS")
+    if not args.address:
+        raise TsdError("give --address http://HEAD:8265 or set RAY_ADDRESS (as `ray job` does)")
     if args.job_command == "submit":
         env = dict(item.split("=", 1) for item in args.env)
         job_id = jobs.submit(args.address, args.cmd, working_dir=args.working_dir, pip=args.pip or None,
                              env=env or None, num_cpus=args.entrypoint_num_cpus, submission_id=args.job_id)
         print(job_id)
-        if args.follow:
+        if not args.no_wait:  # like `ray job submit`: follow the logs, exit code = the job's outcome
             return _follow(jobs, args.address, job_id)
         return 0
     if args.job_command == "status":
@@ -362,22 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("job", help="submit tsd commands to a Ray cluster (Ray Jobs) and follow them")
     jsub = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     q = jsub.add_parser("submit", help="submit a command: tsd job submit --address URL -- tsd train --config ...")
-    q.add_argument("--address", required=True, help="the job server, e.g. http://HEAD:8265")
+    q.add_argument("--address", help="the job server, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
     q.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
     q.add_argument("--pip", action="append", help="extra pip requirement for the job's environment (repeatable)")
-    q.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable (repeatable)")
+    q.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable (repeatable). The value is stored in the job's runtime environment, "
+                        "which anyone with access to the dashboard can read: never pass secrets here, use the "
+                        "cloud's own mechanisms (an IAM instance role on AWS, a Kubernetes Secret on KubeRay)")
     q.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the entrypoint process")
     q.add_argument("--job-id", help="a submission id of your choice")
-    q.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit code = outcome")
+    q.add_argument("--no-wait", action="store_true", help="return once submitted (default: follow the logs until "
+                                                             "the job ends, exit code = its outcome)")
+    q.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     q.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command to run")
     for action in ("status", "logs", "stop"):
         q = jsub.add_parser(action, help=f"{action} of a job")
         q.add_argument("job_id")
-        q.add_argument("--address", required=True)
+        q.add_argument("--address", help="the job server (default: $RAY_ADDRESS)")
         if action == "logs":
             q.add_argument("--follow", action="store_true", help="stream until the job ends; exit code = outcome")
     q = jsub.add_parser("list", help="the cluster's jobs")
-    q.add_argument("--address", required=True)
+    q.add_argument("--address", help="the job server (default: $RAY_ADDRESS)")
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("visualize", help="TSD's P, P-hat-r and P-hat-c on images (paper Fig. 5); AP vs IoU plots")

@@ -79,7 +79,7 @@ def test_prep_and_train_jobs_run_on_the_cluster(head, tmp_path, capsys):
     assert manifest["splits"]["train"]["counts"]["images_written"] == 12
     assert "train: 12 images" in jobs.logs(head, job_id)
 
-    rc = main(["job", "submit", "--address", head, "--working-dir", str(REPO), "--", "tsd", "train", *common,
+    rc = main(["job", "submit", "--address", head, "--working-dir", str(REPO), "--no-wait", "--", "tsd", "train", *common,
                "--set", "train.max_iterations=3", "--set", "train.checkpoint_every=3",
                "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"train.local_dir={tmp_path / 'runs'}",
                "--set", "train.run_name=job", "--set", "loader.num_workers=0"])
@@ -93,8 +93,14 @@ def test_prep_and_train_jobs_run_on_the_cluster(head, tmp_path, capsys):
     assert job_id in capsys.readouterr().out
 
 
-def test_a_failing_job_gives_a_failing_exit_code(head, capsys):
-    rc = main(["job", "submit", "--address", head, "--working-dir", str(REPO), "--follow", "--",
-               "tsd", "prep", "--config", "/nonexistent.yaml"])
+def test_a_failing_job_gives_a_failing_exit_code(head, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", head)  # as `ray job` does; and submit follows the logs by default
+    rc = main(["job", "submit", "--working-dir", str(REPO), "--", "tsd", "prep", "--config", "/nonexistent.yaml"])
     out = capsys.readouterr()
     assert rc == 1 and "config file not found" in out.out and "FAILED" in out.err
+
+
+def test_a_job_command_needs_an_address(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["job", "list"]) == 2
+    assert "give --address http://HEAD:8265 or set RAY_ADDRESS" in capsys.readouterr().err
