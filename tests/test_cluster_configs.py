@@ -82,3 +82,34 @@ def test_kuberay_rayjob_is_complete_and_runs_a_real_command():
     total_gpus = sum(int(w["replicas"]) * int(w["template"]["spec"]["containers"][0]["resources"]["limits"]
                                              ["nvidia.com/gpu"]) for w in workers)
     assert cfg.train.use_gpu and cfg.train.num_workers == total_gpus
+
+
+def test_no_shipped_config_exposes_the_dashboard_without_authentication():
+    aws = yaml.safe_load(AWS.read_text())
+    head = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # loopback: `ray dashboard`'s tunnel
+    for commands in (aws["head_start_ray_commands"], aws["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "RAY_AUTH_TOKEN_PATH=" in start
+    token_path = re.search(r"RAY_AUTH_TOKEN_PATH=(\S+?);", head).group(1)
+    assert token_path in aws["file_mounts"]  # every node gets the token
+    _validate_aws(aws)
+    job = yaml.safe_load(RAYJOB.read_text())
+    assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+
+
+def test_preflight_names_the_placeholders_and_writes_a_private_token(tmp_path, monkeypatch, capsys):
+    from cluster import preflight
+
+    found = preflight.placeholders_in(AWS.read_text())
+    assert any("ImageId" in p for p in found) and any("account id" in p for p in found)
+    assert any("bucket" in p for p in preflight.placeholders_in(RAYJOB.read_text()))
+    filled = AWS.read_text().replace("ami-0a2b3c4d5e6f7a8b9", "ami-0fedcba9876543210").replace("123456789012",
+                                                                                              "210987654321")
+    assert preflight.placeholders_in(filled) == []
+    token = preflight.new_token(tmp_path / "t" / "ray_auth_token")
+    assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
+    monkeypatch.setattr(preflight, "TOKEN_PATH", tmp_path / "none")
+    assert preflight.main([str(AWS)]) == 2
+    err = capsys.readouterr().err
+    assert "ImageId" in err and "no token" in err
