@@ -17,7 +17,6 @@ from pathlib import Path
 from data_prep.errors import TsdError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# what a working_dir upload leaves out: large local outputs and caches
 # never uploaded as a job's working directory: the local data, outputs and tools (Ray caps an upload
 # near 512 MiB, and data/ is where the README puts the ~500 GB of OpenImages)
 DEFAULT_EXCLUDES = ["data", ".venv", "work", "runs", "shards", "bench/out", ".git", "**/__pycache__", ".pytest_cache",

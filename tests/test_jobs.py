@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,13 +20,13 @@ from pipeline.cli import main
 from tests.conftest import REPO, free_port
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def _start_head(auth: dict[str, str]):
+    """`ray start --head` on 127.0.0.1 with the job server; (process, job server address)."""
     import tempfile
 
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    env = {**os.environ, **auth, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # the job's `python`
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -36,19 +37,63 @@ def head(tmp_path_factory):
     deadline = time.monotonic() + 120
     while True:
         try:
-            jobs.list_jobs(address)
-            break
-        except Exception:
+            with socket.create_connection(("127.0.0.1", dashboard), timeout=1):
+                break
+        except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail("the Ray head did not start")
             time.sleep(1)
-    yield address
+    return proc, address
+
+
+def _stop_head(proc) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def head():
+    proc, address = _start_head({"RAY_AUTH_MODE": "disabled"})
+    deadline = time.monotonic() + 120
+    while True:  # the dashboard port opens before the job server answers
+        try:
+            jobs.list_jobs(address)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                _stop_head(proc)
+                pytest.fail("the Ray job server did not answer")
+            time.sleep(1)
+    yield address
+    _stop_head(proc)
+
+
+def test_tsd_job_against_a_head_with_token_authentication():
+    """A cluster started as the shipped configs start theirs (RAY_AUTH_MODE=token): `tsd job` works
+    with the token from the environment, and without it fails in one clear line."""
+    token = "tsd-test-" + "0123456789abcdef" * 2
+    proc, address = _start_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        def tsd_job(*args, **auth):
+            env = {**os.environ, "PYTHONPATH": str(REPO), **auth}
+            env.pop("RAY_ADDRESS", None)
+            return subprocess.run([sys.executable, "-m", "pipeline.cli", "job", *args, "--address", address],
+                                  capture_output=True, text=True, env=env, timeout=180)
+
+        deadline = time.monotonic() + 120
+        while (ok := tsd_job("list", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)).returncode != 0:
+            if time.monotonic() > deadline:
+                pytest.fail(f"tsd job list with the token failed: {ok.stderr[-2000:]}")
+            time.sleep(2)
+        refused = tsd_job("list", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token-" + "x" * 18)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    finally:
+        _stop_head(proc)
 
 
 def test_entrypoint_and_runtime_env():
