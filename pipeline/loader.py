@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import numpy as np
 import torch
@@ -64,7 +65,12 @@ class ShardIndex:
         col = {c: table.column(c) for c in table.column_names}
         labels = [np.asarray(x, dtype=np.int64) for x in col["labels"].to_pylist()]
         json_offsets = col["json_offset"].to_numpy()
-        return cls(col["key"].to_pylist(), col["shard"].to_pylist(), col["jpg_offset"].to_numpy(),
+        shards = col["shard"].to_pylist()
+        for shard in set(shards):  # names come from a file: they must stay inside the shards' root
+            if not isinstance(shard, str) or not shard or shard != PurePosixPath(shard).name or shard in (".", ".."):
+                raise InputError(f"{storage.uri(name)}: shard name {shard!r} is not a file name inside the "
+                                 f"shards' root (an index names its shards as `tsd prep` wrote them)")
+        return cls(col["key"].to_pylist(), shards, col["jpg_offset"].to_numpy(),
                    col["jpg_size"].to_numpy(), json_offsets + col["json_size"].to_numpy(), json_offsets,
                    col["width"].to_numpy(), col["height"].to_numpy(), labels)
 

@@ -299,3 +299,23 @@ def test_source_reader_reads_whole_files_of_any_size_into_their_members(tmp_path
     assert members == {**contents, "cmdline": expected, "note.txt": b"not read from a file"}
     for name, (offset, size) in offsets.items():
         assert archive[offset : offset + size] == contents[name]
+
+
+@pytest.mark.parametrize("bad", ["/etc/hostname", "../outside.tar", "sub/train-000000.tar", ""])
+def test_an_index_cannot_point_outside_the_shards_root(prepared, tmp_path, bad):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.errors import InputError
+    from pipeline.loader import ShardDataset
+
+    out, _ = prepared
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    index = copy / "train-index.parquet"
+    table = pq.read_table(index)
+    shards = table.column("shard").to_pylist()
+    shards[3] = bad
+    pq.write_table(table.set_column(table.column_names.index("shard"), "shard", pa.array(shards)), index)
+    with pytest.raises(InputError, match=r"train-index.parquet: shard name .* is not a file name inside the shards' root"):
+        ShardDataset(str(copy), "train", 160, 224)
