@@ -25,7 +25,7 @@ from data_prep.boxes import normalized_to_pixels
 from data_prep.errors import InputError
 from data_prep.images import ImageRejected, check_image
 from data_prep.rejects import Reject
-from data_prep.storage import LocalStorage, Storage
+from data_prep.storage import FILE_MODE, LocalStorage, Storage
 
 REPORT_DIR = "_shards"
 TAR_MTIME = 0
@@ -328,6 +328,7 @@ def write_shard(
     result = ShardResult(spec.split, spec.index, spec.name, spec.fingerprint, "", 0)
     index_columns = [result.index_columns[name] for name in INDEX_COLUMNS]
     fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".tmp", dir=out.staging_dir())
+    os.fchmod(fd, FILE_MODE)  # readable as any file the user writes, not mkstemp's 0600
     try:
         try:
             tar = _TarStream(fd)

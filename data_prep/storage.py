@@ -91,6 +91,18 @@ class Storage:
         return self.read_bytes(name).decode("utf-8")
 
 
+def _file_mode() -> int:
+    """The mode a published file gets: what ``open()`` would give it under this process's umask
+    (0644 under the usual 022), not ``mkstemp``'s private 0600, so that other users and containers
+    sharing the storage can read the dataset."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = str(root)
@@ -143,6 +155,7 @@ class LocalStorage(Storage):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 writer(f)
                 f.flush()

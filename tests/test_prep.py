@@ -319,3 +319,19 @@ def test_an_index_cannot_point_outside_the_shards_root(prepared, tmp_path, bad):
     pq.write_table(table.set_column(table.column_names.index("shard"), "shard", pa.array(shards)), index)
     with pytest.raises(InputError, match=r"train-index.parquet: shard name .* is not a file name inside the shards' root"):
         ShardDataset(str(copy), "train", 160, 224)
+
+
+def test_every_published_file_is_readable_by_others_as_the_umask_allows(prepared):
+    """Shared storage: shards, index and manifest get the usual 0644 (under umask 022), not 0600."""
+    import os
+    import stat
+
+    out, manifest = prepared
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    files = [out / s["name"] for split in manifest["splits"].values() for s in split["shards"]]
+    files += [out / "manifest.json", out / "train-index.parquet"]
+    assert len(files) > 3
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
