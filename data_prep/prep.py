@@ -373,6 +373,7 @@ def run_prep(
         )
     up = hierarchy.ancestor_matrix(labels)
     out = open_storage(data.shards, data.s3_endpoint_url)
+    leftovers = out.clean_staging()  # temp files / unfinished uploads of a killed run
     out.put_bytes(CLASSES_FILE, labels.to_csv_text().encode())
     if data.format == "coco":
         from data_prep.coco_files import flat_hierarchy_json
@@ -391,6 +392,7 @@ def run_prep(
             "hierarchy_file": HIERARCHY_FILE,
             "num_classes": len(labels),
             "prep": asdict(prep),
+            "staging_leftovers_removed": leftovers,
         }
     )
     settings = image_settings(prep)
@@ -427,6 +429,7 @@ def run_prep(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             out.put_bytes(MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=False).encode())
+        out.finish_staging()
     finally:
         shutdown_ray(started)
     return manifest

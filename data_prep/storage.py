@@ -87,6 +87,14 @@ class Storage:
         """Where finished files wait before they are published (same filesystem when possible)."""
         return tempfile.gettempdir()
 
+    def clean_staging(self) -> int:
+        """Remove what a killed run left unpublished (temp files, unfinished uploads); their count.
+        Called when a run starts: one run writes an output at a time."""
+        return 0
+
+    def finish_staging(self) -> None:
+        """After a successful run: remove the (now empty) staging area."""
+
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
 
@@ -179,6 +187,22 @@ class LocalStorage(Storage):
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def clean_staging(self) -> int:
+        path = self._root / ".staging"
+        removed = 0
+        if path.is_dir():
+            for leftover in path.iterdir():
+                if leftover.is_file() or leftover.is_symlink():
+                    leftover.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def finish_staging(self) -> None:
+        try:
+            (self._root / ".staging").rmdir()
+        except OSError:  # absent, or not empty (a file another writer published meanwhile stays)
+            pass
 
     def staging_dir(self) -> str:
         """A directory on the same filesystem as the outputs, so that publishing is a rename."""
@@ -283,6 +307,17 @@ class S3Storage(Storage):
 
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+    def clean_staging(self) -> int:
+        """Abort the multipart uploads a killed run left under this prefix (S3 keeps, and bills,
+        their parts until they are aborted)."""
+        prefix = self.prefix + "/" if self.prefix else ""
+        aborted = 0
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
 
 
 

@@ -335,3 +335,9 @@ def test_every_published_file_is_readable_by_others_as_the_umask_allows(prepared
     assert len(files) > 3
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_a_successful_prep_leaves_no_staging_directory(prepared):
+    out, manifest = prepared
+    assert not (out / ".staging").exists()
+    assert manifest["staging_leftovers_removed"] == 0

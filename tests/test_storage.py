@@ -60,3 +60,22 @@ def test_s3_multipart_upload_is_completed(s3_server, s3_bucket, tmp_path, monkey
     assert store.read_bytes("big.tar") == data
     uploads = store.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
     assert uploads == []  # nothing left half-done
+
+
+def test_the_next_run_cleans_what_a_killed_one_left(s3_server, s3_bucket, tmp_path):
+    """A killed prep leaves temp files in .staging/ and unfinished S3 multipart uploads: the next
+    run's start removes both (S3 bills the parts of an upload until it is aborted)."""
+    local = open_storage(tmp_path / "shards")
+    staging = local.staging_dir()
+    for n in range(3):
+        (tmp_path / "shards" / ".staging" / f".train-00000{n}.tar.abc.tmp").write_bytes(b"partial")
+    assert os.listdir(staging) and local.clean_staging() == 3 and os.listdir(staging) == []
+    local.finish_staging()
+    assert not (tmp_path / "shards" / ".staging").exists()
+    store = open_storage(f"s3://{s3_bucket}/shards", endpoint_url=s3_server)
+    for n in range(2):
+        store.client.create_multipart_upload(Bucket=s3_bucket, Key=f"shards/train-00000{n}.tar")
+    store.client.create_multipart_upload(Bucket=s3_bucket, Key="elsewhere/x.tar")  # another prefix: kept
+    assert store.clean_staging() == 2
+    left = store.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["elsewhere/x.tar"]
