@@ -96,6 +96,14 @@ def cmd_score(args: argparse.Namespace) -> int:
           f"{data['num_images']} images, {data['num_predictions']} predictions -> {args.out}")
     if level_summary(data):
         print(f"  {level_summary(data)}")
+    bad = data["predictions_rejected_non_finite"]
+    if bad["rows"]:
+        print(f"tsd score: warning: {bad['rows']} prediction rows with NaN / inf values were left out "
+              f"(lines {', '.join(map(str, bad['lines'][:5]))}{', ...' if bad['rows'] > 5 else ''})", file=sys.stderr)
+    dropped = (data.get("ground_truth_rejects") or {}).get("counts") or {}
+    if dropped:
+        print(f"tsd score: warning: {sum(dropped.values())} ground-truth rows were dropped "
+              f"({', '.join(f'{k}: {v}' for k, v in dropped.items())}; report: ground_truth_rejects)", file=sys.stderr)
     return 0
 
 

@@ -43,6 +43,7 @@ class ScoringInputs:
     images: ImageCoder
     gt: GroundTruth
     hierarchy: Hierarchy | None = None
+    rejects: RejectLog | None = None  # ground-truth rows that were dropped, with file, line and reason
 
 
 def load_ground_truth(boxes_csv: str, labels_csv: str | None, hierarchy_json: str, classes_csv: str,
@@ -58,7 +59,7 @@ def load_ground_truth(boxes_csv: str, labels_csv: str | None, hierarchy_json: st
         None if image_labels is None else image_labels.image_code,
         None if image_labels is None else image_labels.label,
         None if image_labels is None else image_labels.positive)
-    return ScoringInputs(labels, coder, gt, hierarchy)
+    return ScoringInputs(labels, coder, gt, hierarchy, log)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Predictions:
     score: np.ndarray
     boxes: np.ndarray  # x1, y1, x2, y2
     unknown_mids: int = 0
+    non_finite_lines: list[int] | None = None  # 1-based lines of the rows rejected for NaN / inf values
 
 
 def _codes(values: pa.Array, vocabulary: list[str]) -> np.ndarray:
@@ -109,9 +111,21 @@ def read_predictions(path: str, inputs: ScoringInputs, endpoint_url: str | None 
         raise InputError(f"{path}: cannot parse predictions ({exc})") from None
     label = _codes(label_col, mids)
     img = _codes(image, inputs.images.ids)
-    known = label >= 0
-    return Predictions(img[known], label[known], np.asarray(score)[known], np.asarray(boxes)[known],
-                       unknown_mids=int((~known).sum()))
+    score, boxes = np.asarray(score, dtype=np.float64), np.asarray(boxes, dtype=np.float64)
+    finite = np.isfinite(score) & np.isfinite(boxes).all(axis=1)
+    lines = _row_lines(header, counts if header[:2] == list(SUBMISSION_COLUMNS) else None, len(score))
+    known = (label >= 0) & finite
+    return Predictions(img[known], label[known], score[known], boxes[known],
+                       unknown_mids=int(((label < 0) & finite).sum()),
+                       non_finite_lines=sorted(set(lines[~finite].tolist())))
+
+
+def _row_lines(header: list[str], tokens_per_row: np.ndarray | None, n: int) -> np.ndarray:
+    """The 1-based file line of every prediction: one per line in the TF CSV, one line per image
+    (several predictions) in a submission. Assumes no quoted newline inside a row."""
+    if tokens_per_row is None:
+        return np.arange(n, dtype=np.int64) + 2
+    return np.repeat(np.arange(len(tokens_per_row), dtype=np.int64) + 2, np.asarray(tokens_per_row) // 6)
 
 
 def ap_by_level(ap: np.ndarray, hierarchy: Hierarchy, labels: LabelSpace) -> dict:
@@ -155,10 +169,17 @@ def score_files(boxes_csv: str, labels_csv: str | None, hierarchy_json: str, cla
                 thresholds: tuple[float, ...] = (0.5,), endpoint_url: str | None = None) -> dict:
     inputs = load_ground_truth(boxes_csv, labels_csv, hierarchy_json, classes_csv, endpoint_url)
     preds = read_predictions(predictions, inputs, endpoint_url)
+    matched = int((preds.image >= 0).sum())
+    if len(preds.score) and matched == 0:
+        raise InputError(f"{predictions}: none of its {len(preds.score)} predictions is on an image of the ground "
+                         f"truth {boxes_csv} (the mAP would be 0.0): is it the right split, or the right file?")
     result = evaluate(inputs.gt, preds.image, preds.label, preds.score, preds.boxes, thresholds)
+    bad_lines = preds.non_finite_lines or []
     return report(result, inputs.labels, {
         "num_images": inputs.gt.num_images, "num_predictions": int(len(preds.score)),
         "predictions_on_unknown_images": int((preds.image < 0).sum()), "predictions_with_unknown_mids": preds.unknown_mids,
+        "predictions_rejected_non_finite": {"rows": len(bad_lines), "lines": bad_lines[:20]},
+        "ground_truth_rejects": inputs.rejects.to_json() if inputs.rejects is not None else None,
     }, inputs.hierarchy)
 
 

@@ -150,3 +150,60 @@ def test_quoted_headers_are_read(dataset, tmp_path):
                     f'"{inputs.images.ids[0]}","/m/syn_circle",0.5,0.1,0.2,0.1,0.2\n')
     preds = read_predictions(str(path), inputs)
     assert preds.image.tolist() == [0] and preds.score.tolist() == [0.5]
+
+
+def test_non_finite_predictions_are_rejected_with_their_lines(dataset, tmp_path, capsys):
+    """NaN on half of a perfect prediction set used to move the mAP silently; now those rows are left
+    out, named by line, and the rest scores as it should."""
+    root, files = dataset
+    inputs = load_ground_truth(**files)
+    gt = inputs.gt
+    ids, mids = inputs.images.ids, inputs.labels.mids
+    rows = ["ImageID,LabelName,Score,XMin,XMax,YMin,YMax"]
+    for k in range(len(gt.boxes)):
+        b = gt.boxes[k]
+        rows.append(f"{ids[gt.box_image[k]]},{mids[gt.box_class[k]]},0.9,{b[0]},{b[2]},{b[1]},{b[3]}")
+    perfect = tmp_path / "perfect.csv"
+    perfect.write_text("\n".join(rows) + "\n")
+    clean = score_files(**files, predictions=str(perfect))
+    poisoned_rows = list(rows)
+    for k in (1, 3):
+        poisoned_rows[k] = poisoned_rows[k].replace(",0.9,", ",nan,")
+    poisoned_rows[5] = poisoned_rows[5].rsplit(",", 1)[0] + ",inf"
+    poisoned = tmp_path / "poisoned.csv"
+    poisoned.write_text("\n".join(poisoned_rows) + "\n")
+    data = score_files(**files, predictions=str(poisoned))
+    assert data["predictions_rejected_non_finite"] == {"rows": 3, "lines": [2, 4, 6]}
+    assert data["num_predictions"] == clean["num_predictions"] - 3
+    assert main(["score", *[f"--{k.removesuffix('_csv').removesuffix('_json')}={v}" for k, v in files.items()],
+                 "--predictions", str(poisoned), "--out", str(tmp_path / "r.json")]) == 0
+    assert "3 prediction rows with NaN / inf values were left out (lines 2, 4, 6)" in capsys.readouterr().err
+
+
+def test_predictions_on_no_ground_truth_image_are_an_error(dataset, tmp_path):
+    root, files = dataset
+    path = tmp_path / "other.csv"
+    path.write_text("ImageID,LabelName,Score,XMin,XMax,YMin,YMax\nnot-an-image,/m/x,0.5,0,1,0,1\n")
+    inputs = load_ground_truth(**files)
+    path.write_text(f"ImageID,LabelName,Score,XMin,XMax,YMin,YMax\nnot-an-image,{inputs.labels.mids[0]},0.5,0,1,0,1\n")
+    with pytest.raises(InputError, match="none of its 1 predictions is on an image of the ground truth"):
+        score_files(**files, predictions=str(path))
+
+
+def test_dropped_ground_truth_rows_are_reported(dataset, tmp_path, capsys):
+    root, files = dataset
+    boxes = open(files["boxes_csv"]).read().splitlines()
+    header = boxes[0].split(",")
+    row = boxes[1].split(",")
+    row[header.index("XMin")], row[header.index("XMax")] = "0.9", "0.1"  # xmin > xmax
+    bad = tmp_path / "boxes.csv"
+    bad.write_text("\n".join([boxes[0], ",".join(row), *boxes[2:], boxes[1].replace(boxes[1].split(",")[2], "/m/nope")])
+                   + "\n")
+    preds = tmp_path / "p.csv"
+    inputs = load_ground_truth(**files)
+    b = inputs.gt.boxes[0]
+    preds.write_text(f"ImageID,LabelName,Score,XMin,XMax,YMin,YMax\n{inputs.images.ids[inputs.gt.box_image[0]]},"
+                     f"{inputs.labels.mids[inputs.gt.box_class[0]]},0.5,{b[0]},{b[2]},{b[1]},{b[3]}\n")
+    data = score_files(**{**files, "boxes_csv": str(bad)}, predictions=str(preds))
+    assert sum(data["ground_truth_rejects"]["counts"].values()) == 2
+    assert {r["line"] for r in data["ground_truth_rejects"]["records"]} == {2, len(boxes) + 1}
