@@ -18,6 +18,7 @@ from data_prep.ray_runtime import init_ray, shutdown_ray
 from data_prep.synthetic import generate
 from pipeline.config import dump_config, load_config
 from pipeline.evaluate import run_evaluation, run_submission
+from pipeline.files import write_text_atomic
 from pipeline.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, overrides: l
         "submission_counts": counts,
         "figures": [str(p) for p in figures],
     }
-    (work / "demo-summary.json").write_text(json.dumps(result, indent=1, default=str))
+    write_text_atomic(work / "demo-summary.json", json.dumps(result, indent=1, default=str))
     return result
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from data_prep.errors import InputError
 from data_prep.prep import load_label_space, resolve
 from data_prep.storage import is_s3, open_storage
 from pipeline.config import ExperimentConfig, to_dict
+from pipeline.files import write_json_atomic, write_text_atomic
 
 STATE_FILE = "state.pt"
 
@@ -172,7 +172,7 @@ def write_predictions_csv(path: Path, detections: dict, mids: tuple[str, ...]) -
     b = np.clip(detections["boxes"], 0, 1)
     for key, c, s, box in zip(detections["keys"], detections["classes"], detections["scores"], b, strict=True):
         writer.writerow([key, mids[int(c)], f"{s:.6g}", f"{box[0]:.6f}", f"{box[2]:.6f}", f"{box[1]:.6f}", f"{box[3]:.6f}"])
-    path.write_text(out.getvalue())
+    write_text_atomic(path, out.getvalue())
 
 
 def split_ground_truth(cfg: ExperimentConfig, split: str):
@@ -235,7 +235,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
         "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)})
     out = Path(out_dir or resolve_checkpoint(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(data, indent=1))
+    write_json_atomic(out / "report.json", data)
     write_predictions_csv(out / "predictions.csv", detections, inputs.labels.mids)
     plot_pr_curves(out / "pr_curves.png", result.curves, inputs.labels.names)
     data["files"] = {"report": str(out / "report.json"), "predictions": str(out / "predictions.csv"),
@@ -273,7 +273,7 @@ def _run_coco_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str, out
             "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)}
     out = Path(out_dir or resolve_checkpoint(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(data, indent=1))
+    write_json_atomic(out / "report.json", data)
     write_predictions_csv(out / "predictions.csv", detections, labels.mids)
     data["files"] = {"report": str(out / "report.json"), "predictions": str(out / "predictions.csv")}
     if tensorboard_dir:
@@ -286,8 +286,9 @@ def _run_coco_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str, out
 
 
 def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, files: list[tuple[str, str]],
-                 max_det: int) -> list[tuple[str, str]]:
-    """One task: submission rows for the ``(ImageID, object name)`` image files."""
+                 max_det: int) -> list[tuple[str, str, str | None]]:
+    """One task: ``(ImageID, PredictionString, problem)`` for the ``(ImageID, object name)`` image files;
+    an image that cannot be read gets an empty PredictionString and its problem."""
     from PIL import Image
 
     from pipeline.config import from_dict
@@ -300,14 +301,18 @@ def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, 
     expansion = expansion_for(cfg)
     rows = []
     for image_id, name in files:
-        with Image.open(io.BytesIO(storage.read_bytes(name))) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(storage.read_bytes(name))) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, InputError) as exc:  # unreadable: an empty row, named in the report
+            rows.append((image_id, "", f"{storage.uri(name)}: {type(exc).__name__}: {str(exc)[:200]}"))
+            continue
         image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # the model resizes it
         h, w = image.shape[-2:]
         out = _infer(model, [image], cfg, device, expansion)[0]
         boxes = out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)
         rows.append((image_id, prediction_string([mids[int(c)] for c in out["labels"].cpu()],
-                                       out["scores"].float().cpu().numpy(), boxes, max_det)))
+                                       out["scores"].float().cpu().numpy(), boxes, max_det), None))
     return rows
 
 
@@ -341,9 +346,13 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
                                                      sizes=[len(c) for c in chunks]) for row in part]
     finally:
         shutdown_ray(started)
-    write_submission(out, sorted(rows))
+    write_submission(out, sorted((image_id, text) for image_id, text, _ in rows))
     counts = check_submission(out, set(labels.mids), set(found))
-    return {**counts, "duplicate_image_files": len(duplicates)}
+    unreadable = sorted((image_id, problem) for image_id, _, problem in rows if problem)
+    report = {**counts, "duplicate_image_files": len(duplicates), "unreadable_images": len(unreadable),
+              "unreadable": [{"image_id": i, "problem": p} for i, p in unreadable]}
+    write_json_atomic(Path(out).with_name(Path(out).stem + "-report.json"), report)
+    return report
 
 
 def checkpoint_iteration(checkpoint: str) -> int | None:

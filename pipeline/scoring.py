@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,7 +196,6 @@ def level_summary(data: dict) -> str:
 
 
 def write_report(path: str, data: dict) -> None:
-    from pathlib import Path
+    from pipeline.files import write_json_atomic
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=1))
+    write_json_atomic(path, data)

@@ -47,9 +47,9 @@ def write_submission(path: str | Path, rows: Iterable[tuple[str, str]]) -> int:
     for image_id, text in rows:
         writer.writerow([image_id, text])
         n += 1
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(out.getvalue())
-    tmp.replace(path)
+    from pipeline.files import write_text_atomic
+
+    write_text_atomic(path, out.getvalue())  # a unique temp name, fsync, rename
     return n
 
 

@@ -32,6 +32,7 @@ import torch
 
 from data_prep.errors import ConfigError, TsdError
 from pipeline.config import ExperimentConfig, dump_config, from_dict, to_dict
+from pipeline.files import write_text_atomic
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -453,7 +454,7 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
         raise ConfigError(f"--resume: no run '{name}' in {tc.storage_path}")
     local_run = Path(tc.local_dir) / name
     local_run.mkdir(parents=True, exist_ok=True)
-    (local_run / CONFIG_FILE).write_text(dump_config(cfg))
+    write_text_atomic(local_run / CONFIG_FILE, dump_config(cfg))
     storage_path, filesystem = storage_for_ray(tc.storage_path, cfg.data.s3_endpoint_url)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(
@@ -484,7 +485,7 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
         "tensorboard": str((local_run / "tensorboard").resolve()),
         "config": str((local_run / CONFIG_FILE).resolve()),
     }
-    (local_run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text_atomic(local_run / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 

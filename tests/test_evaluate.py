@@ -76,3 +76,23 @@ def test_submission_for_an_image_directory(setup, tmp_path):
     assert counts["images"] == len(ids) == 9
     assert check_submission(out, None, ids)["detections"] == counts["detections"]
     assert counts["detections"] <= 9 * cfg.model.test.max_detections
+
+
+def test_an_unreadable_test_image_gets_an_empty_row_and_is_reported(setup, tmp_path):
+    import json
+    import shutil
+
+    root, cfg, ckpt = setup
+    images = tmp_path / "test"
+    shutil.copytree(root / "synth" / "validation", images)
+    victim = sorted(images.glob("*.jpg"))[2]
+    victim.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "submission.csv"
+    counts = run_submission(cfg, str(ckpt), str(images), str(out), progress=False)
+    ids = {p.stem for p in images.glob("*.jpg")}
+    assert counts["images"] == len(ids) and counts["unreadable_images"] == 1
+    rows = dict(line.split(",", 1) for line in out.read_text().splitlines()[1:])
+    assert rows[victim.stem] == ""  # every test image keeps its row (Kaggle needs it), empty here
+    report = json.loads((tmp_path / "submission-report.json").read_text())
+    assert report["unreadable"][0]["image_id"] == victim.stem and victim.name in report["unreadable"][0]["problem"]
+    assert not list(tmp_path.glob(".*.tmp"))  # published atomically, nothing left behind
