@@ -415,20 +415,29 @@ def _read_boxes_once(
             box[:, dst], bad = _numbers(cols[src])
             malformed |= bad
         flag_values = {}
+        bad_flag = np.zeros(n, dtype=bool)
+        bad_flag_name: dict[int, str] = {}
         for f in flags_present:
             if pa.types.is_integer(cols[f].type):  # fast path: empty cells are nulls -> -1 (unknown)
-                flag_values[f] = pc.fill_null(cols[f], -1).to_numpy(zero_copy_only=False).astype(np.int8, copy=False)
-                continue
-            v, bad = _numbers(cols[f], allow_empty=True)
-            malformed |= bad
-            flag_values[f] = np.where(np.isnan(v), -1, v).astype(np.int8)
-        unknown = (lab < 0) & ~malformed
+                raw = pc.fill_null(cols[f], -1).to_numpy(zero_copy_only=False)
+            else:
+                v, bad = _numbers(cols[f], allow_empty=True)
+                malformed |= bad
+                raw = np.where(np.isnan(v) & ~bad, -1.0, np.nan_to_num(v, nan=0.0))
+            wrong = ~malformed & ~np.isin(raw, (-1, 0, 1))  # a flag is 0, 1 or -1 (unknown), nothing else
+            for i in np.flatnonzero(wrong & ~bad_flag):
+                bad_flag_name[int(i)] = f"{f}={raw[i]:g}"
+            bad_flag |= wrong
+            flag_values[f] = np.clip(raw, -1, 1).astype(np.int8)
+        unknown = (lab < 0) & ~malformed & ~bad_flag
         outside = ~malformed & ((box < 0) | (box > 1)).any(axis=1)
         degenerate = ~malformed & ~outside & ((box[:, 0] >= box[:, 2]) | (box[:, 1] >= box[:, 3]))
-        bad_mask = malformed | unknown | outside | degenerate
+        bad_mask = malformed | unknown | outside | degenerate | bad_flag
         for i in np.flatnonzero(bad_mask):
             if malformed[i]:
                 reason, detail = R.MALFORMED_ROW, "empty ImageID, or a coordinate/flag that is not a number"
+            elif bad_flag[i]:
+                reason, detail = R.BAD_FLAG, f"{bad_flag_name[int(i)]}: a flag is 0, 1 or -1 (unknown)"
             elif unknown[i]:
                 reason, detail = (
                     R.UNKNOWN_MID,

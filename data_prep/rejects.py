@@ -16,6 +16,7 @@ MALFORMED_ROW = "malformed_row"
 UNKNOWN_MID = "unknown_mid"
 BOX_OUTSIDE_IMAGE = "box_outside_image"
 DEGENERATE_BOX = "degenerate_box"
+BAD_FLAG = "bad_flag"  # IsGroupOf & co. outside {0, 1, -1}
 DUPLICATE_BOX = "duplicate_box"
 DUPLICATE_IMAGE_ID = "duplicate_image_id"
 MISSING_IMAGE = "missing_image"

@@ -72,6 +72,9 @@ def test_missing_column_is_a_clear_error(tmp_path):
     ("img1,xclick,/m/a,1,0.1,0.5,0.2", R.MALFORMED_ROW),
     (",xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0", R.MALFORMED_ROW),
     ("img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0", R.DUPLICATE_BOX),
+    ("img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,7,0,0", R.BAD_FLAG),  # IsGroupOf=7
+    ("img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,-3,0,0,0,0", R.BAD_FLAG),
+    ("img1,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0.5,0,0", R.BAD_FLAG),
 ])
 def test_bad_rows_are_rejected_with_file_and_line_and_the_rest_kept(tmp_path, row, reason):
     path = _write(tmp_path, "boxes.csv", "\n".join([
@@ -84,6 +87,9 @@ def test_bad_rows_are_rejected_with_file_and_line_and_the_rest_kept(tmp_path, ro
     assert dict(log.counts) == {reason: 1}
     (reject,) = log.records
     assert reject.line == 3 and reject.file == path and reason in str(reject)
+    if reason == R.BAD_FLAG:
+        assert "a flag is 0, 1 or -1" in reject.detail and ("=7" in reject.detail or "=-3" in reject.detail
+                                                           or "=0.5" in reject.detail)
     assert len(table) == 2  # the good rows around it survive
     assert table.line.tolist() == [2, 4]
 
