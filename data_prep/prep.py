@@ -81,7 +81,11 @@ class SplitPlan:
 def list_images(images: Storage, log: RejectLog) -> dict[str, tuple[str, int]]:
     """ImageID -> (object name, size) of every image file; a second file for one id is rejected."""
     found: dict[str, tuple[str, int]] = {}
-    for info in sorted(images.list(), key=lambda o: o.name):
+
+    def unlisted(path: str, what: str) -> None:
+        log.add(Reject(R.UNREADABLE_PATH, path, what))
+
+    for info in sorted(images.list(on_problem=unlisted), key=lambda o: o.name):
         base = info.name.rsplit("/", 1)[-1]
         stem, dot, ext = base.rpartition(".")
         if not dot or "." + ext.lower() not in IMAGE_EXTENSIONS or base.startswith("."):

@@ -24,6 +24,7 @@ CORRUPT_IMAGE = "corrupt_image"
 TRUNCATED_IMAGE = "truncated_image"
 ZERO_SIZE_IMAGE = "zero_size_image"
 BAD_IMAGE_ID = "bad_image_id"
+UNREADABLE_PATH = "unreadable_path"  # a link loop, a dangling link, a directory that cannot be listed
 
 # Changes that keep the sample (counted, not rejected).
 CONVERTED_MODE = "converted_to_rgb"

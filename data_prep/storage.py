@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -43,6 +43,9 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+ProblemCallback = Callable[[str, str], None]  # (path, what went wrong) of an entry a listing skipped
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     name: str  # relative to the storage root
@@ -66,8 +69,9 @@ class Storage:
     def size(self, name: str) -> int:
         raise NotImplementedError
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects whose name starts with ``prefix`` (recursive), in no particular order."""
+    def list(self, prefix: str = "", on_problem: ProblemCallback | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose name starts with ``prefix`` (recursive), in no particular order; entries that
+        cannot be listed go to ``on_problem(path, what)`` and are skipped."""
         raise NotImplementedError
 
     def put_bytes(self, name: str, data: bytes) -> None:
@@ -141,22 +145,41 @@ class LocalStorage(Storage):
     def size(self, name: str) -> int:
         return self._path(name).stat().st_size
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", on_problem: ProblemCallback | None = None) -> Iterator[ObjectInfo]:
+        """Every file below the root (or ``prefix``), following symbolic links; a loop of links back
+        to a directory already listed, a dangling link or an unreadable entry is passed to
+        ``on_problem(path, what)`` (if given) and skipped, never an error that stops the listing."""
         base = self._path(prefix) if prefix and self._path(prefix).is_dir() else self._root
         if not base.exists():
             return
+        report = on_problem or (lambda path, what: None)
         root = os.path.join(str(self._root), "")  # with its trailing separator
+        seen: set[tuple[int, int]] = set()
         stack = [str(base)]
         while stack:
             directory = stack.pop()
-            with os.scandir(directory) as entries:
-                for entry in entries:
+            try:
+                st = os.stat(directory)
+                if (st.st_dev, st.st_ino) in seen:
+                    report(directory, "a symbolic link loop: this directory was listed already")
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                entries = list(os.scandir(directory))
+            except OSError as exc:
+                report(directory, f"cannot list ({exc.strerror or exc})")
+                continue
+            for entry in entries:
+                try:
                     if entry.is_dir(follow_symlinks=True):
                         stack.append(entry.path)
                         continue
-                    name = entry.path[len(root):].replace(os.sep, "/")  # scandir paths start with root
-                    if name.startswith(prefix.rstrip("/")) or not prefix:
-                        yield ObjectInfo(name, entry.stat().st_size)
+                    size = entry.stat().st_size
+                except OSError as exc:
+                    report(entry.path, f"cannot read ({exc.strerror or exc}; a dangling or looping link?)")
+                    continue
+                name = entry.path[len(root):].replace(os.sep, "/")  # scandir paths start with root
+                if name.startswith(prefix.rstrip("/")) or not prefix:
+                    yield ObjectInfo(name, size)
 
     def _atomic_write(self, name: str, writer) -> None:
         target = self._path(name)
@@ -263,7 +286,7 @@ class S3Storage(Storage):
     def size(self, name: str) -> int:
         return int(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", on_problem: ProblemCallback | None = None) -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0

@@ -79,3 +79,24 @@ def test_the_next_run_cleans_what_a_killed_one_left(s3_server, s3_bucket, tmp_pa
     assert store.clean_staging() == 2
     left = store.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
     assert [u["Key"] for u in left] == ["elsewhere/x.tar"]
+
+
+def test_a_symlink_loop_or_a_dangling_link_is_reported_and_the_listing_goes_on(tmp_path):
+    from data_prep.prep import list_images
+    from data_prep.rejects import UNREADABLE_PATH, RejectLog
+    from tests.conftest import jpeg_bytes
+
+    images = tmp_path / "train"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.jpg").write_bytes(jpeg_bytes())
+    (images / "sub" / "b.jpg").write_bytes(jpeg_bytes())
+    os.symlink(images, images / "sub" / "loop")  # back up to the root: a loop
+    os.symlink(tmp_path / "gone.jpg", images / "dangling.jpg")
+    os.symlink(images / "self1", images / "self2")
+    os.symlink(images / "self2", images / "self1")  # a link to a link to itself: ELOOP
+    log = RejectLog()
+    found = list_images(open_storage(images), log)
+    assert set(found) == {"a", "b"}
+    assert log.counts[UNREADABLE_PATH] == 4
+    paths = {r.file for r in log.records}
+    assert str(images / "sub" / "loop") in paths and str(images / "dangling.jpg") in paths
