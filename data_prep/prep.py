@@ -407,6 +407,7 @@ def run_prep(
             plan = plan_split(data, prep, split, labels)
             results = _run_tasks(plan, out, settings, up, prep, progress)
             written = write_index(out, split, results)
+            stale = remove_stale_shards(out, split, {r.name for r in results})
             for r in results:
                 plan.log.extend([Reject(**d) for d in r.rejects])
             changes: dict[str, int] = {}
@@ -419,6 +420,7 @@ def run_prep(
             counts["annotated_boxes_written"] = sum(r.annotated_boxes for r in results)
             counts["shards"] = len(results)
             counts["shards_skipped_complete"] = sum(r.skipped for r in results)
+            counts["stale_shards_removed"] = len(stale)
             manifest.setdefault("splits", {})[split] = {
                 "inputs": plan.inputs,
                 "index": index_name(split),
@@ -437,6 +439,16 @@ def run_prep(
     finally:
         shutdown_ray(started)
     return manifest
+
+
+def remove_stale_shards(out: Storage, split: str, current: set[str]) -> list[str]:
+    """Delete the split's shards that this plan does not have (an earlier plan with more shards left
+    them): no reader may see their samples twice. Returns their names."""
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$")
+    stale = sorted(o.name for o in out.list() if pattern.match(o.name) and o.name not in current)
+    for name in stale:
+        out.delete(name)
+    return stale
 
 
 def _read_manifest(out: Storage) -> dict:

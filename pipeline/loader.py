@@ -226,7 +226,8 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
     import webdataset as wds
 
     storage = open_storage(shards_uri)
-    names = sorted(o.name for o in storage.list() if o.name.startswith(f"{split}-") and o.name.endswith(".tar"))
+    # the index names the split's shards: a stray tar left by another plan is never read
+    names = sorted(set(ShardIndex.load(storage, split).shards))
     if not names:
         raise InputError(f"{shards_uri}: no shards for split '{split}'")
     urls = [storage.uri(n) for n in names]
