@@ -50,6 +50,9 @@ class PrepConfig:
     seed: int = 0  # seeded shuffle that assigns images to shards
     expand_labels: bool = True  # add every ancestor of a box's class as a training target (OID recipe)
     verify_decode: bool = False  # fully decode every image (slower; catches damage inside the JPEG data)
+    # images above this many pixels are rejected from their header alone (no decode): a few-hundred-byte
+    # "decompression bomb" can claim 60000 x 60000, which a loader would try to allocate (10.8 GB)
+    max_image_pixels: int = 100_000_000
     drop_duplicate_boxes: bool = True  # exact duplicate CSV rows are rejected (and counted)
     keep_images_without_boxes: bool = True  # images with only image-level labels (hard negatives)
     num_cpus_per_task: float = 1.0  # Ray resources of one shard-writing task

@@ -136,16 +136,25 @@ def _has_eoi(raw) -> bool:
     return bytes(raw[max(0, len(raw) - EOI_SEARCH_WINDOW) :]).rfind(JPEG_EOI) >= 0
 
 
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageRejected(R.TOO_MANY_PIXELS, f"the header says {width}x{height} = {width * height / 1e6:,.0f} Mpx, "
+                                               f"above prep.max_image_pixels ({max_pixels / 1e6:,.0f} Mpx): a "
+                                               f"decompression bomb, or an image the loader cannot hold")
+
+
 def check_image(
     raw: bytes | memoryview,
     resize_short_side: int | None = None,
     resize_max_long_side: int | None = None,
     jpeg_quality: int = 90,
     verify_decode: bool = False,
+    max_pixels: int | None = 100_000_000,
 ) -> CheckedImage:
     """Validate ``raw`` image bytes (any bytes-like object: bytes, a memoryview of a read buffer)
     and return what to store; raises ``ImageRejected``. When the image can be stored unchanged,
-    ``data`` is ``raw`` itself."""
+    ``data`` is ``raw`` itself. An image whose header claims more than ``max_pixels`` is rejected
+    before anything is decoded."""
     if len(raw) == 0:
         raise ImageRejected(R.ZERO_SIZE_IMAGE, "the file is empty (0 bytes)")
     header = None if verify_decode else read_jpeg_header(raw)
@@ -153,6 +162,7 @@ def check_image(
         # The common case, decided from the markers alone: a baseline/progressive RGB JPEG, upright.
         if header.width == 0 or header.height == 0:
             raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {header.width}x{header.height}")
+        _check_pixels(header.width, header.height, max_pixels)
         if not _has_eoi(raw):
             raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")
         target = _target_size(header.width, header.height, resize_short_side, resize_max_long_side)
@@ -161,8 +171,12 @@ def check_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            image.size  # noqa: B018 - header parsed by open()
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our limit decides, below
+            try:
+                image = Image.open(io.BytesIO(raw))
+                image.size  # noqa: B018 - header parsed by open()
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
     except Exception as exc:  # PIL raises many types for unreadable headers
         raise ImageRejected(
             R.CORRUPT_IMAGE, f"cannot read the image header ({type(exc).__name__}: {exc})"
@@ -170,6 +184,7 @@ def check_image(
     width, height = image.size
     if width == 0 or height == 0:
         raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {width}x{height}")
+    _check_pixels(width, height, max_pixels)
     is_jpeg = image.format == "JPEG"
     if is_jpeg and (raw[:2] != JPEG_SOI or not _has_eoi(raw)):
         raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")

@@ -222,6 +222,7 @@ def image_settings(prep: PrepConfig) -> ImageSettings:
         prep.jpeg_quality,
         prep.verify_decode,
         prep.expand_labels,
+        prep.max_image_pixels,
     )
 
 

@@ -23,6 +23,7 @@ MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 TRUNCATED_IMAGE = "truncated_image"
 ZERO_SIZE_IMAGE = "zero_size_image"
+TOO_MANY_PIXELS = "too_many_pixels"  # above prep.max_image_pixels: a decompression bomb, or too big to load
 BAD_IMAGE_ID = "bad_image_id"
 UNREADABLE_PATH = "unreadable_path"  # a link loop, a dangling link, a directory that cannot be listed
 

@@ -53,6 +53,7 @@ class ImageSettings:
     jpeg_quality: int = 90
     verify_decode: bool = False
     expand_labels: bool = True
+    max_image_pixels: int = 100_000_000
 
 
 @dataclass
@@ -340,7 +341,7 @@ def write_shard(
                     raw = reader.read_into(source, tar)
                     checked = check_image(raw, settings.resize_short_side,
                                           settings.resize_max_long_side, settings.jpeg_quality,
-                                          settings.verify_decode)
+                                          settings.verify_decode, settings.max_image_pixels)
                 except ImageRejected as exc:
                     result.rejects.append(asdict(Reject(exc.reason, images.uri(source), exc.detail,
                                                         image_id=image_id)))

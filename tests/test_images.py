@@ -111,3 +111,24 @@ def test_optional_resize_bounds_the_short_side():
     assert check_image(small, resize_short_side=50).data is small  # never upscales
     capped = check_image(jpeg_bytes(400, 100), resize_short_side=80, resize_max_long_side=200)
     assert (capped.width, capped.height) == (200, 50)
+
+
+def _claims(width: int, height: int) -> bytes:
+    """A tiny real JPEG whose frame header (SOF0) claims ``width`` x ``height``: a decompression bomb."""
+    data = bytearray(jpeg_bytes(16, 16))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_decompression_bomb_is_rejected_from_its_header(verify):
+    bomb = _claims(60000, 60000)
+    assert len(bomb) < 1000
+    with pytest.raises(ImageRejected) as info:
+        check_image(bomb, verify_decode=verify)
+    assert info.value.reason == R.TOO_MANY_PIXELS and "60000x60000" in str(info.value)
+    check_image(_claims(16, 16), verify_decode=verify)  # the same file at its real size passes
+    with pytest.raises(ImageRejected, match="above prep.max_image_pixels"):
+        check_image(_claims(2000, 2000), verify_decode=verify, max_pixels=1_000_000)
