@@ -115,6 +115,30 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+def write_atomically(target: str | os.PathLike, writer: Callable[[BinaryIO], object]) -> None:
+    """Publish a local file so that a reader sees the old one or the whole new one: ``writer(f)``
+    fills a unique temporary file beside ``target``, which is fsynced, given ``FILE_MODE``, renamed
+    over ``target``, and the directory fsynced so that the rename survives a crash."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = str(root)
@@ -182,19 +206,7 @@ class LocalStorage(Storage):
                     yield ObjectInfo(name, size)
 
     def _atomic_write(self, name: str, writer) -> None:
-        target = self._path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
-                writer(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self._path(name), writer)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         self._atomic_write(name, lambda f: f.write(data))
