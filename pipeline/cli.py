@@ -210,6 +210,14 @@ def _read_report(path: str) -> dict:
     return data
 
 
+def _run_name(path: str, data: dict) -> str:
+    """A report's default label: the name of the run its checkpoint belongs to (else its folder)."""
+    checkpoint = Path(str(data.get("checkpoint") or ""))
+    if checkpoint.name:
+        return checkpoint.parent.name if checkpoint.name.startswith(("checkpoint", "state")) else checkpoint.name
+    return Path(path).resolve().parent.name
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -218,7 +226,14 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if args.report:
         from pipeline.visualize import plot_ap_vs_iou
 
-        reports = {Path(r).parent.name + f"#{k}": _read_report(r) for k, r in enumerate(args.report)}
+        labels = list(args.label or [])
+        if len(labels) > len(args.report):
+            raise TsdError(f"{len(labels)} --label for {len(args.report)} --report")
+        reports: dict[str, dict] = {}
+        for k, path in enumerate(args.report):
+            data = _read_report(path)
+            label = labels[k] if k < len(labels) else _run_name(path, data)
+            reports[label if label not in reports else f"{label} #{k + 1}"] = data
         plot_ap_vs_iou(out / "ap_vs_iou.png", reports)
         print(f"{out / 'ap_vs_iou.png'}")
     if args.images:
@@ -402,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="a directory of images (or one image file)")
     p.add_argument("--limit", type=int, default=8, help="at most this many images")
     p.add_argument("--report", action="append", help="report.json of `tsd evaluate` (repeat: TSD vs baseline)")
+    p.add_argument("--label", action="append", help="the legend label of each --report, in order (default: its run)")
     p.add_argument("--out", required=True, help="output directory for the PNG files")
     p.set_defaults(func=cmd_visualize)
 

@@ -237,7 +237,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "report.json", data)
     write_predictions_csv(out / "predictions.csv", detections, inputs.labels.mids)
-    plot_pr_curves(out / "pr_curves.png", result.curves, inputs.labels.names)
+    plot_pr_curves(out / "pr_curves.png", result.curves, inputs.labels.names, result.ap[0])
     data["files"] = {"report": str(out / "report.json"), "predictions": str(out / "predictions.csv"),
                      "pr_curves": str(out / "pr_curves.png")}
     if tensorboard_dir:

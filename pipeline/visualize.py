@@ -85,52 +85,65 @@ def draw_tsd(image: Tensor, geometry: list[dict], names: tuple[str, ...] | None 
     return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
 
 
-PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf", "#000000", "#aa5500"]
+def _figure(title: str, x_label: str, y_label: str):
+    """A matplotlib figure (headless Agg backend) with one axes, its title, labels and a grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5.0), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
 
 
-def line_chart(path, series: list[tuple[str, list[tuple[float, float]]]], x_label: str, y_label: str,
-               x_range: tuple[float, float] = (0.0, 1.0), x_ticks: tuple[float, ...] = (), markers: bool = False) -> None:
-    """A small PNG line chart (y in [0, 1]) drawn with Pillow, so that no plotting library is needed."""
-    from PIL import Image, ImageDraw
-
-    size, margin = 480, 45
-    image = Image.new("RGB", (size + 200, size), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((margin, 10, size - 10, size - margin), outline="black")
-    draw.text((size // 2 - 30, size - 25), x_label, fill="black")
-    draw.text((2, 10), y_label, fill="black")
-    w, h = size - 10 - margin, size - margin - 10
-    x0, x1 = x_range
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return margin + (x - x0) / (x1 - x0) * w, size - margin - y * h
-
-    for t in x_ticks:
-        draw.text((at(t, 0)[0] - 8, size - margin + 4), f"{t:g}", fill="black")
-    for k, (name, points) in enumerate(series):
-        color = PALETTE[k % len(PALETTE)]
-        pts = [at(x, y) for x, y in points]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        if markers:
-            for x, y in pts:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-        draw.text((size + 5, 15 + 16 * k), name[:30], fill=color)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+def ap_vs_iou_figure(reports: dict[str, dict]):
+    """AP against the IoU threshold (paper Fig. 6), one line per report (TSD vs a baseline), labelled
+    with its mAP@0.5."""
+    fig, ax = _figure("AP vs IoU threshold (OID metric; paper Fig. 6)", "IoU threshold", "AP (mean over classes)")
+    for name, report in reports.items():
+        points = sorted((float(t), v) for t, v in report["ap_at_iou"].items())
+        ax.plot([t for t, _ in points], [v for _, v in points], marker="o",
+                label=f"{name} (mAP@0.5 {report['mAP']:.3f})")
+    ax.set_xlim(0.48, 0.97)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xticks([0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95])
+    ax.legend(loc="lower left")
+    return fig
 
 
 def plot_ap_vs_iou(path, reports: dict[str, dict]) -> None:
-    """AP against the IoU threshold (paper Fig. 6), one line per report (e.g. TSD vs the baseline)."""
-    series = [(f"{name} ({report['mAP']:.3f})", sorted((float(t), v) for t, v in report["ap_at_iou"].items()))
-              for name, report in reports.items()]
-    line_chart(path, series, "IoU threshold", "AP", (0.5, 0.95), (0.5, 0.6, 0.7, 0.8, 0.9), markers=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ap_vs_iou_figure(reports).savefig(path)
+
+
+def pr_curves_figure(curves: dict[int, tuple[np.ndarray, np.ndarray]], names: tuple[str, ...],
+                     ap: np.ndarray | None = None, per_side: int = 4):
+    """Precision-recall curves of the ``per_side`` best and worst classes by AP (all of them when
+    there are few), each labelled with its AP."""
+    classes = list(curves)
+    if ap is not None:
+        classes.sort(key=lambda c: -float(ap[c]))
+    few = len(classes) <= 2 * per_side
+    if not few:
+        classes = classes[:per_side] + classes[-per_side:]
+    title = "Precision-recall at IoU 0.5" + ("" if few else f": the {per_side} best and {per_side} worst classes")
+    fig, ax = _figure(title, "recall", "precision")
+    for rank, c in enumerate(classes):
+        recall, precision = curves[c]
+        label = names[c] + (f" (AP {float(ap[c]):.3f})" if ap is not None else "")
+        ax.plot(recall, precision, label=label, linestyle="-" if few or rank < per_side else "--")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.legend(loc="lower left", fontsize="small")
+    return fig
 
 
 def plot_pr_curves(path, curves: dict[int, tuple[np.ndarray, np.ndarray]], names: tuple[str, ...],
-                   max_classes: int = 12) -> None:
-    """Precision-recall curves of up to ``max_classes`` classes."""
-    series = [(names[cls], list(zip(recall.tolist(), precision.tolist(), strict=True)))
-              for cls, (recall, precision) in list(curves.items())[:max_classes]]
-    line_chart(path, series, "recall", "precision", (0.0, 1.0), (0.0, 0.5, 1.0))
+                   ap: np.ndarray | None = None) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pr_curves_figure(curves, names, ap).savefig(path)

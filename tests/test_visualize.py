@@ -56,3 +56,37 @@ def test_visualize_cli_writes_fig5_and_fig6_pngs(tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "vis").glob("*.png"))
     assert "ap_vs_iou.png" in pngs and sum(p.endswith("_tsd.png") for p in pngs) == 2
     assert Image.open(tmp_path / "vis" / "ap_vs_iou.png").size[0] > 400
+
+
+def test_charts_have_titles_labelled_axes_values_and_legends(tmp_path, capsys):
+    import numpy as np
+
+    from pipeline.visualize import ap_vs_iou_figure, pr_curves_figure
+
+    reports = {"TSD": {"mAP": 0.6, "ap_at_iou": {"0.50": 0.6, "0.75": 0.4, "0.95": 0.05}},
+               "sibling": {"mAP": 0.55, "ap_at_iou": {"0.50": 0.55, "0.75": 0.35, "0.95": 0.04}}}
+    ax = ap_vs_iou_figure(reports).axes[0]
+    assert ax.get_title() and ax.get_xlabel() == "IoU threshold" and ax.get_ylabel().startswith("AP")
+    assert ax.get_ylim() == (0.0, 1.0) and len(ax.get_yticks()) >= 5  # values on the AP axis
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["TSD (mAP@0.5 0.600)", "sibling (mAP@0.5 0.550)"]
+    assert ax.xaxis._gridOnMajor if hasattr(ax.xaxis, "_gridOnMajor") else ax.xaxis.get_gridlines()[0].get_visible()
+    curves = {c: (np.linspace(0, 1, 5), np.linspace(1, 0.2 + c / 20, 5)) for c in range(10)}
+    ap = np.array([0.1 * c for c in range(10)])
+    ax = pr_curves_figure(curves, tuple(f"class{c}" for c in range(10)), ap).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:4] == [f"class{c} (AP {0.1 * c:.3f})" for c in (9, 8, 7, 6)]  # the best...
+    assert labels[4:] == [f"class{c} (AP {0.1 * c:.3f})" for c in (3, 2, 1, 0)]  # ...and the worst
+    assert "4 best and 4 worst" in ax.get_title() and ax.get_xlabel() == "recall"
+    # tsd visualize: --label names the reports; without it, the run of each report's checkpoint
+    paths = []
+    for name in ("run-a", "run-b"):
+        path = tmp_path / name / "eval-validation" / "report.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({**reports["TSD"], "checkpoint": str(tmp_path / name / "checkpoint_000")}))
+        paths += ["--report", str(path)]
+    assert main(["visualize", *paths, "--label", "TSD", "--out", str(tmp_path / "f1")]) == 0
+    assert main(["visualize", *paths, "--out", str(tmp_path / "f2")]) == 0
+    assert Image.open(tmp_path / "f1" / "ap_vs_iou.png").size[0] > 600
+    from pipeline.cli import _run_name
+
+    assert _run_name(paths[1], json.loads(open(paths[3]).read())) == "run-b"
