@@ -171,17 +171,18 @@ class RoIStage(nn.Module):
         name = self.head_type
         losses[f"loss_{name}_cls"] = classification(main.logits)
         losses[f"loss_{name}_box"] = L.box_regression_loss(main.deltas, targets, labels, self.beta, w, pos)
-        w_pos = L.per_image_weights(counts, labels > 0)
-        if out.sibling is not None and self.pc_cls_margin is not None:
+        if out.sibling is None:
+            return {k + self.suffix: v for k, v in losses.items()}
+        w_pos = L.per_image_weights(counts, labels > 0) if self.pc_loc_margin is not None or ancestors is not None else None
+        if self.pc_cls_margin is not None:
             losses["loss_pc_cls"] = L.pc_cls_loss(main.logits, out.sibling.logits, labels, self.pc_cls_margin,
                                                   w if ancestors is None else w_pos, multilabel=ancestors is not None)
-        if out.sibling is not None and self.pc_loc_margin is not None:
-            w_pos = w_pos[pos]
+        if self.pc_loc_margin is not None:
             cls = L.regression_classes(main.deltas, labels, pos)
             boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
                 torch.stack([main.deltas[pos, cls], out.sibling.deltas[pos, cls]]).float(),
                 torch.stack([main.reg_boxes[pos], boxes[pos]]).float()).unbind(0)
-            losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_pos, self.pc_loc_margin, w_pos)
+            losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_pos, self.pc_loc_margin, w_pos[pos])
         return {k + self.suffix: v for k, v in losses.items()}
 
     def decode(self, out: HeadOutput) -> Tensor:
@@ -252,13 +253,12 @@ class RoIHeads(nn.Module):
             with_background = self.refine_with_background and not self.multilabel  # sigmoid: no background score
             labels = logits.argmax(dim=1) if with_background else logits[:, 1:].argmax(dim=1) + 1
         boxes = stage.boxes_for(out.main, labels)
-        keep = ~sampled.from_gt if sampled is not None and self.drop_gt_before_refine else None
-        result = []
-        for i, (b, size) in enumerate(zip(boxes.split(counts), image_sizes, strict=True)):
-            if keep is not None:
-                b = b[keep.split(counts)[i]]
-            result.append(clip_boxes_to_image(b, size) if self.clip_refined else b)
-        return result
+        per_image = list(boxes.split(counts))
+        if sampled is not None and self.drop_gt_before_refine:
+            per_image = [b[keep] for b, keep in zip(per_image, (~sampled.from_gt).split(counts), strict=True)]
+        if self.clip_refined:
+            per_image = [clip_boxes_to_image(b, size) for b, size in zip(per_image, image_sizes, strict=True)]
+        return per_image
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None):
