@@ -364,12 +364,18 @@ def open_storage(root: str | os.PathLike, endpoint_url: str | None = None) -> St
     return LocalStorage(root)
 
 
+def s3_object(uri: str, endpoint_url: str | None = None) -> tuple[S3Storage, str]:
+    """The storage of an ``s3://bucket/key`` object's prefix, and the object's name in it."""
+    bucket, key = split_s3(uri)
+    parent, _, name = key.rpartition("/")
+    return S3Storage(f"s3://{bucket}/{parent}", endpoint_url), name
+
+
 def read_source(uri: str, endpoint_url: str | None = None) -> bytes:
     """Read one whole file given by a local path or an S3 URI."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        parent, _, name = key.rpartition("/")
-        return S3Storage(f"s3://{bucket}/{parent}", endpoint_url).read_bytes(name)
+        storage, name = s3_object(uri, endpoint_url)
+        return storage.read_bytes(name)
     path = Path(uri)
     if not path.is_file():
         raise InputError(f"{uri}: no such file")

@@ -285,11 +285,11 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from tsd_model.convert import convert_file
 
     converted = convert_file(args.source, args.input)
+    from data_prep.storage import write_atomically
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save({"model": converted.state, "converted_from": {"source": args.source, "file": str(args.input)}}, tmp)
-    os.replace(tmp, out)
+    checkpoint = {"model": converted.state, "converted_from": {"source": args.source, "file": str(args.input)}}
+    write_atomically(out, lambda f: torch.save(checkpoint, f))
     print(f"{args.input} ({args.source}) -> {out}: {len(converted.state)} tensors")
     print("run it with these settings (a config's model section, or --set):")
     for line in [*converted.overrides, f"model.weights.checkpoint={out}"]:

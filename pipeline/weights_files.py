@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from data_prep.storage import is_s3, open_storage, split_s3
+from data_prep.storage import is_s3, s3_object, write_atomically
 from tsd_model.config import ModelConfig
 from tsd_model.weights import check_backbone_weights
 
@@ -20,9 +20,8 @@ from tsd_model.weights import check_backbone_weights
 def _exists(uri: str, endpoint_url: str | None) -> bool:
     if not is_s3(uri):
         return Path(uri).is_file()
-    bucket, key = split_s3(uri)
-    parent, _, name = key.rpartition("/")
-    return open_storage(f"s3://{bucket}/{parent}", endpoint_url).exists(name)
+    storage, name = s3_object(uri, endpoint_url)
+    return storage.exists(name)
 
 
 def check_weights(model: ModelConfig, endpoint_url: str | None) -> None:
@@ -36,18 +35,14 @@ def local_copy(uri: str, endpoint_url: str | None, cache_dir: str | os.PathLike)
     ``cache_dir`` (kept by the object's name and size, so that every worker of a node shares one)."""
     if not is_s3(uri):
         return uri
-    bucket, key = split_s3(uri)
-    parent, _, name = key.rpartition("/")
-    storage = open_storage(f"s3://{bucket}/{parent}", endpoint_url)
+    storage, name = s3_object(uri, endpoint_url)
     size = storage.size(name)
     tag = hashlib.sha256(f"{uri}:{size}".encode()).hexdigest()[:12]
     target = Path(cache_dir) / tag / name  # the official file name is kept: its sha256 prefix is checked on load
     if target.is_file() and target.stat().st_size == size:
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-    tmp.write_bytes(storage.read_bytes(name))
-    os.replace(tmp, target)
+    data = storage.read_bytes(name)
+    write_atomically(target, lambda f: f.write(data))  # workers of one node may fetch it at once
     return str(target)
 
 
