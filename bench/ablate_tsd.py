@@ -12,7 +12,9 @@ Variants (``--variants``, comma-separated; each is the tiny config plus ``--set`
 - the hierarchy: ``no_expansion`` (detections not copied to ancestor classes at test),
   ``expanded_targets`` (prep's ancestor copies of the boxes also used as training targets), both
   (``expanded_targets_no_expansion``: the pipeline before detections covered the hierarchy), and the
-  multi-label head (``sigmoid``, ``sigmoid_expansion``).
+  multi-label head (``sigmoid``, ``sigmoid_expansion``);
+- ``--ensemble``: each variant's seeds merged by weighted boxes fusion and by box voting
+  (``pipeline.ensemble``), one more row each.
 
 Each run: the same synthetic train/validation split (``tsd synth``'s generator, sharded in this
 process), the tiny model trained in one process with the demo's schedule (``pipeline.train``'s
@@ -80,11 +82,10 @@ def make_data(work: Path, num_train: int, num_validation: int) -> tuple[Path, Pa
 
 def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, epochs: int) -> dict:
     from pipeline.config import load_config
-    from pipeline.evaluate import detect_range, score_detections, split_ground_truth
+    from pipeline.evaluate import detect_range, split_ground_truth
     from pipeline.loader import ShardDataset, unpack
     from pipeline.sampler import GlobalBatchSampler, SamplerSpec
     from pipeline.schedule import learning_rate, parameter_groups
-    from pipeline.scoring import ap_by_level
     from pipeline.train import label_ancestors, make_loader, train_step
     from tsd_model.build import build_model
 
@@ -102,7 +103,7 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
     dataset = ShardDataset(str(shards), tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
                            use_expanded_labels=cfg.loader.use_expanded_labels)
     ipe = max(1, len(dataset) // batch)
-    sampler = GlobalBatchSampler(dataset.index.labels, dataset.index.widths >= dataset.index.heights,
+    sampler = GlobalBatchSampler(dataset.sample_labels, dataset.index.widths >= dataset.index.heights,
                                  cfg.model.num_classes, batch, 1, 0, tc.seed, ipe,
                                  SamplerSpec(cfg.loader.sampler, cfg.loader.num_sample_class,
                                              cfg.loader.repeat_threshold, cfg.loader.group_by_aspect,
@@ -120,12 +121,35 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
     model.eval()
     inputs = split_ground_truth(cfg, "validation")
     detections = detect_range(model, cfg, "validation", 0, 10**9, 4, torch.device("cpu"))
+    return {**scores(inputs, detections), "train_s": round(train_s, 1), "iterations": epochs * ipe,
+            "nonfinite_steps": skipped}, (inputs, detections)
+
+
+def scores(inputs, detections: dict) -> dict:
+    from pipeline.evaluate import score_detections
+    from pipeline.scoring import ap_by_level
+
     result = score_detections(inputs, detections)
     levels = ap_by_level(result.ap[0], inputs.hierarchy, inputs.labels)
     return {"mAP": round(result.mean_ap(0), 4), "mAP_leaf": round(levels["leaf"]["mAP"], 4),
             "mAP_parent": round(levels["parent"]["mAP"], 4),
-            "classes_at_ap_0": int((result.ap[0][result.num_positives > 0] == 0).sum()),
-            "train_s": round(train_s, 1), "iterations": epochs * ipe, "nonfinite_steps": skipped}
+            "classes_at_ap_0": int((result.ap[0][result.num_positives > 0] == 0).sum())}
+
+
+def ensemble_of_seeds(outputs: list[tuple], method: str = "wbf") -> dict:
+    """The seeds' detections of one variant merged (``pipeline.ensemble``, equal weights), scored."""
+    import numpy as np
+
+    from pipeline.ensemble import MemberDetections, fuse
+
+    inputs = outputs[0][0]
+    covers = np.ones(len(inputs.labels), bool)
+    members = [MemberDetections(d["keys"], d["classes"], d["scores"], d["boxes"], 1.0, covers) for _, d in outputs]
+    if method == "ensemble_boxes":  # the package's WBF on the same detections (bench_ensemble.py)
+        from bench_ensemble import ensemble_boxes_fuse
+
+        return scores(inputs, ensemble_boxes_fuse(members, 0.55, max_detections=100))
+    return scores(inputs, fuse(members, method, 0.55, max_detections=100))
 
 
 def main() -> None:
@@ -135,6 +159,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--train-images", type=int, default=200)
     parser.add_argument("--validation-images", type=int, default=50)
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also merge each variant's seeds (wbf and vote): an ensemble row per variant")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "ablation.json"))
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -147,17 +173,27 @@ def main() -> None:
     try:
         synth, shards = make_data(work, args.train_images, args.validation_images)
         for variant in variants:
+            outputs = []
             for seed in seeds:
-                row = {"variant": variant, "seed": seed,
-                       **train_and_score(synth, shards, VARIANTS[variant], seed, args.epochs)}
+                metrics, output = train_and_score(synth, shards, VARIANTS[variant], seed, args.epochs)
+                row = {"variant": variant, "seed": seed, **metrics}
                 print(json.dumps(row), flush=True)
                 runs.append(row)
+                outputs.append(output)
+            if args.ensemble and len(seeds) > 1:  # the seeds' models merged: one more row
+                from bench_ensemble import _ensemble_boxes
+
+                for method in ("wbf", "vote", *(["ensemble_boxes"] if _ensemble_boxes() else [])):
+                    row = {"variant": f"{variant}+ensemble_{method}", "seed": -1, **ensemble_of_seeds(outputs, method),
+                           "train_s": 0.0}
+                    print(json.dumps(row), flush=True)
+                    runs.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n| variant | mAP@0.5 (mean over seeds {args.seeds}) | min - max | leaf classes | parent classes | "
           "classes at AP 0 | train s / run |")
     print("|---|---|---|---|---|---|---|")
-    for variant in variants:
+    for variant in dict.fromkeys(r["variant"] for r in runs):
         rows = [r for r in runs if r["variant"] == variant]
         maps = [r["mAP"] for r in rows]
 

@@ -32,7 +32,7 @@ METHODS = ("nms", "soft_gaussian", "adj", "voting")
 
 def newest_run(workdir: Path) -> tuple[Path, str]:
     """The newest run's resolved config and its last checkpoint."""
-    from pipeline.evaluate import resolve_checkpoint
+    from pipeline.checkpoint import resolve_checkpoint
 
     runs = sorted((p for p in (workdir / "runs").iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.stat().st_mtime)
     if not runs:

@@ -129,22 +129,28 @@ def cmd_submission(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.evaluate import run_submission
 
-    if not (args.config and args.checkpoint and args.images and args.out):
+    if not (args.config and args.images and args.out):
         raise TsdError("give --check FILE, or --config, --checkpoint, --images and --out")
     cfg = load_config(args.config, args.overrides)
+    if not (args.checkpoint or cfg.ensemble.members):
+        raise TsdError("give --checkpoint (several for an ensemble) or ensemble.members in the config")
     counts = run_submission(cfg, args.checkpoint, args.images, args.out, address=args.address)
     print(f"{args.out}: {counts['images']} images, {counts['detections']} detections")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import checkpoint_iteration
     from pipeline.config import load_config
-    from pipeline.evaluate import checkpoint_iteration, run_evaluation
+    from pipeline.evaluate import run_evaluation
     from pipeline.scoring import level_summary
 
     cfg = load_config(args.config, args.overrides)
+    if not (args.checkpoint or cfg.ensemble.members):
+        raise TsdError("give --checkpoint (several for an ensemble) or ensemble.members in the config")
+    single = args.checkpoint[0] if len(args.checkpoint) == 1 and not cfg.ensemble.members else None
     data = run_evaluation(cfg, args.checkpoint, args.split, args.out, address=args.address,
-                          tensorboard_dir=args.tensorboard, iteration=checkpoint_iteration(args.checkpoint))
+                          tensorboard_dir=args.tensorboard, iteration=single and checkpoint_iteration(single))
     if "metric" in data:  # COCO datasets
         print(f"{args.split}: COCO AP = {data['AP']:.4f}, AP50 = {data['AP50']:.4f}, AP75 = {data['AP75']:.4f} "
               f"({data['num_images']} images, {data['num_detections']} detections)")
@@ -356,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="distributed inference on a prepared split + the official OID metric")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (or its state.pt) of `tsd train`")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="a run, checkpoint directory or state.pt of `tsd train`; give it several times for an "
+                        "ensemble (merged by ensemble.method; or list ensemble.members in the config)")
     p.add_argument("--split", default="validation")
     p.add_argument("--out", help="output directory (default: next to the checkpoint)")
     p.add_argument("--tensorboard", help="log the mAP into this TensorBoard directory (the run's)")
@@ -378,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", metavar="FILE", help="validate FILE and report the first bad lines")
     p.add_argument("--classes", help="with --check: reject MIDs outside this class-description CSV")
     _add_config_args(p, required=False)
-    p.add_argument("--checkpoint", help="a checkpoint directory or state file of `tsd train`")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="a run, checkpoint directory or state.pt of `tsd train`; several for an ensemble")
     p.add_argument("--images", help="directory or s3:// prefix of the test images; with --check, also a file "
                                     "listing the expected ImageIDs (CSV with an ImageID column, or one per line)")
     p.add_argument("--out", help="submission.csv to write")

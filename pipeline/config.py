@@ -85,6 +85,32 @@ class TrainConfig:
 
 
 @dataclass
+class EnsembleMember:
+    """One model of an ensemble. Its model section comes from ``config`` if given, else from the
+    ``config.yaml`` saved beside its checkpoint (so an expert brings its own ``model.classes``),
+    else from the ensemble's config; ``model.test`` is always the ensemble's, with the TTA
+    overrides below (the same checkpoint twice with different TTA is two members)."""
+
+    checkpoint: str
+    weight: float = 1.0
+    config: str | None = None
+    tta_flip: bool | None = None
+    tta_scales: list[int] | None = None
+
+
+@dataclass
+class EnsembleConfig:
+    """How ``tsd evaluate`` / ``tsd submission`` merge several models (``pipeline.ensemble``)."""
+
+    method: Literal["wbf", "vote"] = "wbf"  # weighted boxes fusion, or box voting with the best score
+    iou: float = 0.55  # boxes of one class overlapping more than this are one object
+    skip_score: float = 0.0  # member detections below this are dropped before merging
+    # the members; or give `--checkpoint` several times (weight 1 each, or `weights` in that order)
+    members: list[EnsembleMember] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass
 class ExperimentConfig:
     """The root of every config file."""
 
@@ -94,6 +120,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 def _type_name(tp: Any) -> str:

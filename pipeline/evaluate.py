@@ -10,44 +10,21 @@ split's official CSVs and writes ``report.json``, a TF-evaluator predictions CSV
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_prep.errors import InputError
+from data_prep.errors import ConfigError, InputError
 from data_prep.prep import load_label_space, resolve
 from data_prep.storage import is_s3, open_storage
-from pipeline.config import ExperimentConfig, to_dict
+from pipeline.checkpoint import CONFIG_FILE, load_state, resolve_checkpoint
+from pipeline.config import EnsembleMember, ExperimentConfig, to_dict
 from pipeline.files import write_json_atomic, write_text_atomic
-
-STATE_FILE = "state.pt"
-
-
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """The state file of a checkpoint given as a state file, a checkpoint directory or a run
-    directory (then its latest checkpoint)."""
-    path = Path(checkpoint)
-    if path.is_dir() and not (path / STATE_FILE).is_file():
-        candidates = sorted(p for p in path.glob("checkpoint_*") if (p / STATE_FILE).is_file())
-        if candidates:
-            path = candidates[-1]
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise InputError(f"{checkpoint}: no checkpoint found (give a run directory, a checkpoint directory "
-                         f"or its {STATE_FILE})")
-    return path
-
-
-def load_state(checkpoint: str) -> dict:
-    path = resolve_checkpoint(checkpoint)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"{path}: not a checkpoint of `tsd train` ({type(exc).__name__})") from None
 
 
 def load_model_for_inference(cfg: ExperimentConfig, checkpoint: str, device: torch.device):
@@ -75,8 +52,10 @@ def expansion_for(cfg: ExperimentConfig):
         return None
     if test.expand_to_ancestors is None and cfg.model.roi.classification == "sigmoid":
         return None  # a multi-label head scores every level itself
-    labels, hierarchy = load_label_space(cfg.data)
-    expansion = AncestorExpansion.from_matrix(hierarchy.ancestor_matrix(labels), test.expand_dedup, test.nms_iou)
+    from pipeline.classes import model_classes
+
+    matrix = model_classes(cfg).model_ancestor_matrix()  # an expert expands within its own classes
+    expansion = AncestorExpansion.from_matrix(matrix, test.expand_dedup, test.nms_iou)
     return expansion if expansion.has_parents else None
 
 
@@ -116,6 +95,7 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
                          f"evaluating without them would change the metric -- re-run `tsd prep`")
     stop = min(stop, len(ds))
     expansion = expansion_for(cfg)
+    to_data = _to_data_ids(cfg)
     parts = []
     for lo in range(start, stop, batch_size):
         items = [ds[(i, False)] for i in range(lo, min(stop, lo + batch_size))]
@@ -123,9 +103,19 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
         for it, out in zip(items, outs, strict=True):
             h, w = it["image"].shape[-2:]
             parts.append({"keys": [ds.index.keys[it["index"]]] * len(out["scores"]),
-                          "classes": out["labels"].cpu().numpy(), "scores": out["scores"].float().cpu().numpy(),
+                          "classes": to_data[out["labels"].cpu().numpy()],
+                          "scores": out["scores"].float().cpu().numpy(),
                           "boxes": out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)})
     return merge_detections(parts)
+
+
+def _to_data_ids(cfg: ExperimentConfig) -> np.ndarray:
+    """Model id -> data id (identity unless the model is a class-subset expert)."""
+    if cfg.data.format == "coco" or not cfg.model.classes:
+        return np.arange(cfg.model.num_classes, dtype=np.int64)
+    from pipeline.classes import model_classes
+
+    return model_classes(cfg).to_data
 
 
 def merge_detections(parts: list[dict]) -> dict:
@@ -138,30 +128,104 @@ def merge_detections(parts: list[dict]) -> dict:
     }
 
 
-def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, address: str | None = None,
+@dataclass
+class Member:
+    """One model of an inference run: its config (model section its own, test section the run's),
+    its checkpoint and its weight in an ensemble."""
+
+    cfg: ExperimentConfig
+    checkpoint: str
+    weight: float = 1.0
+
+
+def _member_config(cfg: ExperimentConfig, spec: EnsembleMember) -> ExperimentConfig:
+    """The config of one ensemble member: the model section of ``spec.config``, else of the config
+    saved beside its checkpoint, else the run's; the test section (and everything else) the run's."""
+    from pipeline.classes import resolve_class_selection
+    from pipeline.config import load_config
+
+    source = spec.config
+    if source is None:
+        saved = resolve_checkpoint(spec.checkpoint).parent / CONFIG_FILE
+        source = str(saved) if saved.is_file() else None
+    model = load_config(source, []).model if source else cfg.model
+    test = dataclasses.replace(cfg.model.test,
+                               tta_flip=cfg.model.test.tta_flip if spec.tta_flip is None else spec.tta_flip,
+                               tta_scales=list(cfg.model.test.tta_scales if spec.tta_scales is None else spec.tta_scales))
+    return resolve_class_selection(dataclasses.replace(cfg, model=dataclasses.replace(model, test=test)))
+
+
+def inference_members(cfg: ExperimentConfig, checkpoints: list[str]) -> list[Member]:
+    """The models an inference run uses: one ``--checkpoint`` with the run's config, or an ensemble
+    (several ``--checkpoint``s, or ``ensemble.members``), each member with its own model section."""
+    from pipeline.classes import resolve_class_selection
+
+    ens = cfg.ensemble
+    if checkpoints and ens.members:
+        raise ConfigError("give the ensemble's checkpoints either as --checkpoint or as ensemble.members, not both")
+    if len(checkpoints) == 1 and not ens.members:
+        return [Member(resolve_class_selection(cfg), checkpoints[0])]
+    specs = list(ens.members) or [EnsembleMember(c) for c in checkpoints]
+    if not specs:
+        raise ConfigError("no model: give --checkpoint (several for an ensemble) or ensemble.members")
+    if ens.weights:
+        if len(ens.weights) != len(specs):
+            raise ConfigError(f"ensemble.weights has {len(ens.weights)} values for {len(specs)} members")
+        specs = [dataclasses.replace(s, weight=w) for s, w in zip(specs, ens.weights, strict=True)]
+    if any(s.weight <= 0 for s in specs):
+        raise ConfigError("ensemble member weights must be > 0")
+    return [Member(_member_config(cfg, s), s.checkpoint, s.weight) for s in specs]
+
+
+def member_covers(member: Member, num_classes: int) -> np.ndarray:
+    """``[C]`` bool: the data classes a member detects (an expert: its own)."""
+    covers = np.zeros(num_classes, dtype=bool)
+    covers[_to_data_ids(member.cfg)] = True
+    return covers
+
+
+def fuse_members(cfg: ExperimentConfig, members: list[Member], per_member: list[dict], num_classes: int) -> dict:
+    """The run's detections: a single member's as they are, an ensemble's merged (``pipeline.ensemble``)."""
+    from pipeline.ensemble import MemberDetections, fuse
+
+    if len(members) == 1:
+        return per_member[0]
+    ens = cfg.ensemble
+    return fuse([MemberDetections(d["keys"], d["classes"], d["scores"], d["boxes"], m.weight,
+                                  member_covers(m, num_classes)) for m, d in zip(members, per_member, strict=True)],
+                ens.method, ens.iou, ens.skip_score, cfg.model.test.max_detections)
+
+
+def run_inference(cfg: ExperimentConfig, checkpoint: str | list[str], split: str, address: str | None = None,
                   num_tasks: int | None = None, progress: bool = True) -> dict:
-    """Detections on every image of a prepared split, gathered from Ray tasks."""
+    """Detections on every image of a prepared split, gathered from Ray tasks (every member's tasks
+    at once for an ensemble, then merged), classes in the data's label space."""
     import ray
 
     from data_prep.ray_runtime import gather_with_progress, init_ray, shutdown_ray
     from pipeline.loader import ShardIndex
 
+    members = inference_members(cfg, [checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
     index = ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split)
     n = len(index)
     tasks = num_tasks or max(1, cfg.train.num_workers)
     bounds = np.linspace(0, n, tasks + 1).astype(int)
-    cfg_dict = to_dict(cfg)
+    ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     started = init_ray(address)
     try:
         remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(
             _infer_shard_range)
-        ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        refs = [remote.remote(cfg_dict, split, str(checkpoint), a, b, cfg.train.images_per_worker) for a, b in ranges]
-        parts = gather_with_progress(refs, f"inference {split}", unit="img", progress=progress,
-                                     sizes=[b - a for a, b in ranges])
+        refs = [remote.remote(to_dict(m.cfg), split, str(m.checkpoint), a, b, cfg.train.images_per_worker)
+                for m in members for a, b in ranges]
+        desc = f"inference {split}" + (f" ({len(members)} models)" if len(members) > 1 else "")
+        parts = gather_with_progress(refs, desc, unit="img", progress=progress,
+                                     sizes=[b - a for _ in members for a, b in ranges])
     finally:
         shutdown_ray(started)
-    return {**merge_detections(parts), "num_images": n}
+    per_member = [merge_detections(parts[k * len(ranges) : (k + 1) * len(ranges)]) for k in range(len(members))]
+    num_classes = cfg.model.num_classes if cfg.data.format == "coco" else len(load_label_space(cfg.data)[0])
+    return {**fuse_members(cfg, members, per_member, num_classes), "num_images": n,
+            "covers": np.logical_or.reduce([member_covers(m, num_classes) for m in members])}
 
 
 def write_predictions_csv(path: Path, detections: dict, mids: tuple[str, ...]) -> None:
@@ -215,25 +279,51 @@ def size_breakdown(cfg: ExperimentConfig, split: str, inputs, detections: dict) 
                    detections["boxes"] * scale(det_pos))
 
 
-def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validation", out_dir: str | None = None,
-                   address: str | None = None, progress: bool = True, tensorboard_dir: str | None = None,
-                   iteration: int | None = None) -> dict:
-    """Inference on a prepared split, the official metric on its CSVs, report/predictions/plot files."""
+def _models_fields(cfg: ExperimentConfig, checkpoints: list[str]) -> dict:
+    """What a report says of the model(s) it scored."""
+    if len(checkpoints) == 1 and not cfg.ensemble.members:
+        return {"checkpoint": str(checkpoints[0])}
+    members = inference_members(cfg, checkpoints)
+    return {"checkpoint": str(members[0].checkpoint),
+            "ensemble": {"method": cfg.ensemble.method, "iou": cfg.ensemble.iou,
+                         "members": [{"checkpoint": str(m.checkpoint), "weight": m.weight,
+                                      "classes": len(m.cfg.model.classes) or "all",
+                                      "tta_flip": m.cfg.model.test.tta_flip, "tta_scales": m.cfg.model.test.tta_scales}
+                                     for m in members]}}
+
+
+def _default_out(cfg: ExperimentConfig, checkpoints: list[str], split: str) -> Path:
+    first = checkpoints[0] if checkpoints else cfg.ensemble.members[0].checkpoint
+    ensemble = len(checkpoints) > 1 or bool(cfg.ensemble.members)
+    return resolve_checkpoint(first).parent / (f"eval-{split}-ensemble" if ensemble else f"eval-{split}")
+
+
+def run_evaluation(cfg: ExperimentConfig, checkpoint: str | list[str], split: str = "validation",
+                   out_dir: str | None = None, address: str | None = None, progress: bool = True,
+                   tensorboard_dir: str | None = None, iteration: int | None = None) -> dict:
+    """Inference on a prepared split (one model or an ensemble), the official metric on its CSVs,
+    report/predictions/plot files. The AP of classes no model detects (an expert's others) is left
+    out of the mAP, and their number reported."""
     from pipeline.oid_metric import COCO_STYLE_THRESHOLDS
     from pipeline.scoring import report
     from pipeline.visualize import plot_pr_curves
 
     t0 = time.perf_counter()
+    checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
     if cfg.data.format == "coco":
-        return _run_coco_evaluation(cfg, checkpoint, split, out_dir, address, progress, tensorboard_dir, iteration, t0)
+        return _run_coco_evaluation(cfg, checkpoints, split, out_dir, address, progress, tensorboard_dir, iteration,
+                                    t0)
     inputs = split_ground_truth(cfg, split)
-    detections = run_inference(cfg, checkpoint, split, address, progress=progress)
+    detections = run_inference(cfg, checkpoints, split, address, progress=progress)
     result = score_detections(inputs, detections, COCO_STYLE_THRESHOLDS, keep_curves=True)
+    not_detected = ~detections["covers"]
+    result.ap[:, not_detected] = np.nan  # not a class of the model(s): no AP, not 0
     data = report(result, inputs.labels, hierarchy=inputs.hierarchy, extra={
         "coco_style_by_size": size_breakdown(cfg, split, inputs, detections),
-        "split": split, "checkpoint": str(checkpoint), "num_images": detections["num_images"],
+        "split": split, **_models_fields(cfg, checkpoints), "num_images": detections["num_images"],
+        "classes_not_detected_by_the_models": int(not_detected.sum()),
         "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)})
-    out = Path(out_dir or resolve_checkpoint(checkpoint).parent / f"eval-{split}")
+    out = Path(out_dir or _default_out(cfg, checkpoints, split))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "report.json", data)
     write_predictions_csv(out / "predictions.csv", detections, inputs.labels.mids)
@@ -254,7 +344,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str = "validat
     return data
 
 
-def _run_coco_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str, out_dir: str | None, address: str | None,
+def _run_coco_evaluation(cfg: ExperimentConfig, checkpoints: list[str], split: str, out_dir: str | None, address: str | None,
                          progress: bool, tensorboard_dir: str | None, iteration: int | None, t0: float) -> dict:
     """COCO datasets: COCO AP (pycocotools' COCOeval) against the split's instances JSON."""
     from data_prep.coco_files import coco_label_space, load_coco
@@ -265,13 +355,13 @@ def _run_coco_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str, out
         raise InputError(f"data.splits.{split}: evaluation needs the split's instances JSON")
     gt = load_coco(resolve(cfg.data.root, files.boxes), cfg.data.s3_endpoint_url)
     labels, _ = coco_label_space(resolve(cfg.data.root, cfg.data.classes), cfg.data.s3_endpoint_url)
-    detections = run_inference(cfg, checkpoint, split, address, progress=progress)
+    detections = run_inference(cfg, checkpoints, split, address, progress=progress)
     stats = coco_eval_file(gt, detections["keys"], labels.mids, detections["classes"], detections["scores"],
                            detections["boxes"])
     data = {"metric": "COCO AP (pycocotools COCOeval, bbox)", "mAP": stats["AP"], **stats, "split": split,
-            "checkpoint": str(checkpoint), "num_images": detections["num_images"],
+            **_models_fields(cfg, checkpoints), "num_images": detections["num_images"],
             "num_detections": int(len(detections["scores"])), "seconds": round(time.perf_counter() - t0, 2)}
-    out = Path(out_dir or resolve_checkpoint(checkpoint).parent / f"eval-{split}")
+    out = Path(out_dir or _default_out(cfg, checkpoints, split))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "report.json", data)
     write_predictions_csv(out / "predictions.csv", detections, labels.mids)
@@ -285,40 +375,59 @@ def _run_coco_evaluation(cfg: ExperimentConfig, checkpoint: str, split: str, out
     return data
 
 
-def _infer_files(cfg_dict: dict, mids: list[str], checkpoint: str, images: str, files: list[tuple[str, str]],
-                 max_det: int) -> list[tuple[str, str, str | None]]:
-    """One task: ``(ImageID, PredictionString, problem)`` for the ``(ImageID, object name)`` image files;
-    an image that cannot be read gets an empty PredictionString and its problem."""
+def _infer_files(cfg_dict: dict, checkpoint: str, images: str, files: list[tuple[str, str]]
+                 ) -> tuple[dict, list[tuple[str, str]]]:
+    """One task: the detections (normalized boxes, data class ids) of the ``(ImageID, object name)``
+    image files, and ``(ImageID, problem)`` for each image that cannot be read (it gets an empty row)."""
     from PIL import Image
 
     from pipeline.config import from_dict
-    from pipeline.submission import prediction_string
 
     cfg = from_dict(ExperimentConfig, cfg_dict)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
     model = load_model_for_inference(cfg, checkpoint, device)
     storage = open_storage(images, cfg.data.s3_endpoint_url)
     expansion = expansion_for(cfg)
-    rows = []
+    to_data = _to_data_ids(cfg)
+    parts, problems = [], []
     for image_id, name in files:
         try:
             with Image.open(io.BytesIO(storage.read_bytes(name))) as im:
                 rgb = np.asarray(im.convert("RGB"))
         except (OSError, ValueError, InputError) as exc:  # unreadable: an empty row, named in the report
-            rows.append((image_id, "", f"{storage.uri(name)}: {type(exc).__name__}: {str(exc)[:200]}"))
+            problems.append((image_id, f"{storage.uri(name)}: {type(exc).__name__}: {str(exc)[:200]}"))
             continue
         image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # the model resizes it
         h, w = image.shape[-2:]
         out = _infer(model, [image], cfg, device, expansion)[0]
-        boxes = out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)
-        rows.append((image_id, prediction_string([mids[int(c)] for c in out["labels"].cpu()],
-                                       out["scores"].float().cpu().numpy(), boxes, max_det), None))
+        parts.append({"keys": [image_id] * len(out["scores"]), "classes": to_data[out["labels"].cpu().numpy()],
+                      "scores": out["scores"].float().cpu().numpy(),
+                      "boxes": out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)})
+    return merge_detections(parts), problems
+
+
+def submission_rows(image_ids: list[str], detections: dict, mids: tuple[str, ...], max_det: int
+                    ) -> list[tuple[str, str]]:
+    """``(ImageId, PredictionString)`` for every image, in the order given; an image without
+    detections gets an empty string."""
+    from pipeline.submission import prediction_string
+
+    keys = np.asarray(detections["keys"], dtype=object)
+    order = np.argsort(keys, kind="stable") if len(keys) else np.zeros(0, np.int64)
+    sorted_keys = keys[order]
+    rows = []
+    for image_id in image_ids:
+        lo, hi = np.searchsorted(sorted_keys, image_id, "left"), np.searchsorted(sorted_keys, image_id, "right")
+        sel = order[lo:hi]
+        rows.append((image_id, prediction_string([mids[int(c)] for c in detections["classes"][sel]],
+                                                 detections["scores"][sel], detections["boxes"][sel], max_det)))
     return rows
 
 
-def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str, address: str | None = None,
-                   max_detections: int | None = None, progress: bool = True) -> dict:
-    """Detect on every image of a directory or S3 prefix and write a validated Kaggle submission."""
+def run_submission(cfg: ExperimentConfig, checkpoint: str | list[str], images: str, out: str,
+                   address: str | None = None, max_detections: int | None = None, progress: bool = True) -> dict:
+    """Detect on every image of a directory or S3 prefix (one model or an ensemble) and write a
+    validated Kaggle submission, with every image listed once."""
     import ray
 
     from data_prep.prep import list_images
@@ -326,6 +435,7 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
     from data_prep.rejects import RejectLog
     from pipeline.submission import check_submission, write_submission
 
+    members = inference_members(cfg, [checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
     labels, _ = load_label_space(cfg.data)
     images = images if is_s3(images) else str(Path(images).resolve())
     duplicates = RejectLog()
@@ -334,27 +444,26 @@ def run_submission(cfg: ExperimentConfig, checkpoint: str, images: str, out: str
         raise InputError(f"{images}: no images (.jpg, .jpeg, .png) found")
     files = sorted((image_id, name) for image_id, (name, _) in found.items())
     tasks = max(1, min(len(files), cfg.train.num_workers))
-    chunks = [files[k::tasks] for k in range(tasks)]
-    cfg_dict = to_dict(cfg)
+    chunks = [chunk for chunk in (files[k::tasks] for k in range(tasks)) if chunk]
     max_det = max_detections or cfg.model.test.max_detections
     started = init_ray(address)
     try:
         remote = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_infer_files)
-        chunks = [chunk for chunk in chunks if chunk]
-        refs = [remote.remote(cfg_dict, list(labels.mids), str(checkpoint), images, chunk, max_det) for chunk in chunks]
-        rows = [row for part in gather_with_progress(refs, "submission", unit="img", progress=progress,
-                                                     sizes=[len(c) for c in chunks]) for row in part]
+        refs = [remote.remote(to_dict(m.cfg), str(m.checkpoint), images, chunk) for m in members for chunk in chunks]
+        desc = "submission" + (f" ({len(members)} models)" if len(members) > 1 else "")
+        parts = gather_with_progress(refs, desc, unit="img", progress=progress,
+                                     sizes=[len(c) for _ in members for c in chunks])
     finally:
         shutdown_ray(started)
-    write_submission(out, sorted((image_id, text) for image_id, text, _ in rows))
+    per_member = [merge_detections([d for d, _ in parts[k * len(chunks) : (k + 1) * len(chunks)]])
+                  for k in range(len(members))]
+    detections = fuse_members(cfg, members, per_member, len(labels))
+    problems = dict(p for _, found_problems in parts for p in found_problems)  # one entry per image
+    write_submission(out, submission_rows([image_id for image_id, _ in files], detections, labels.mids, max_det))
     counts = check_submission(out, set(labels.mids), set(found))
-    unreadable = sorted((image_id, problem) for image_id, _, problem in rows if problem)
-    report = {**counts, "duplicate_image_files": len(duplicates), "unreadable_images": len(unreadable),
+    unreadable = sorted(problems.items())
+    report = {**counts, "models": len(members), "duplicate_image_files": len(duplicates),
+              "unreadable_images": len(unreadable),
               "unreadable": [{"image_id": i, "problem": p} for i, p in unreadable]}
     write_json_atomic(Path(out).with_name(Path(out).stem + "-report.json"), report)
     return report
-
-
-def checkpoint_iteration(checkpoint: str) -> int | None:
-    return load_state(checkpoint).get("iteration")
-

@@ -110,11 +110,13 @@ class ShardDataset(Dataset):
     """
 
     def __init__(self, shards_uri: str, split: str, min_size: int, max_size: int,
-                 endpoint_url: str | None = None, use_expanded_labels: bool = False) -> None:
+                 endpoint_url: str | None = None, use_expanded_labels: bool = False,
+                 label_map: np.ndarray | None = None) -> None:
         self.storage = open_storage(shards_uri, endpoint_url)
         self.index = ShardIndex.load(self.storage, split)
         self.min_size, self.max_size = min_size, max_size
         self.use_expanded_labels = use_expanded_labels
+        self.label_map = label_map  # data id -> model id (-1: not a class of the model), for experts
         self.skipped: dict[str, int] = {}
         sizes = {}
         for name in sorted(set(self.index.shards)):
@@ -132,6 +134,13 @@ class ShardDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def sample_labels(self) -> list[np.ndarray]:
+        """Every sample's label ids in the model's label space (what the samplers balance)."""
+        if self.label_map is None:
+            return self.index.labels
+        return [ids[ids >= 0] for ids in (self.label_map[lab] for lab in self.index.labels)]
 
     def read(self, i: int) -> tuple[bytes, dict]:
         ix = self.index
@@ -151,20 +160,26 @@ class ShardDataset(Dataset):
         except (ValueError, RuntimeError) as exc:  # bad JSON or JPEG bytes inside a complete-looking shard
             raise InputError(f"{self.storage.uri(self.index.shards[i])} [{self.index.keys[i]}]: damaged sample "
                              f"({type(exc).__name__}: {str(exc)[:120]}); re-run `tsd prep` for this split") from None
-        boxes, labels = training_targets(meta, self.use_expanded_labels)
+        boxes, labels = training_targets(meta, self.use_expanded_labels, self.label_map)
         image, boxes = shrink_to_input(image, boxes, self.min_size, self.max_size)
         if flip:
             boxes = flip_boxes(boxes, image.shape[-1])
         return {"image": image, "boxes": boxes, "labels": labels, "index": i, "flip": bool(flip)}
 
 
-def training_targets(meta: dict, use_expanded_labels: bool) -> tuple[Tensor, Tensor]:
+def training_targets(meta: dict, use_expanded_labels: bool, label_map: np.ndarray | None = None
+                     ) -> tuple[Tensor, Tensor]:
     """A sample's boxes (pixels) and labels; without ``use_expanded_labels``, only the annotated
-    ones (not the copies prep made for ancestor classes, ``is_expanded``)."""
+    ones (not the copies prep made for ancestor classes, ``is_expanded``). With ``label_map``
+    (data id -> model id, ``pipeline.classes``), in the model's ids, boxes of other classes dropped."""
     boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
     labels = torch.tensor(meta["labels"], dtype=torch.int64)
     if not use_expanded_labels and meta.get("is_expanded"):
         keep = torch.tensor(meta["is_expanded"]) == 0
+        boxes, labels = boxes[keep], labels[keep]
+    if label_map is not None:
+        labels = torch.from_numpy(label_map)[labels]
+        keep = labels >= 0
         boxes, labels = boxes[keep], labels[keep]
     return boxes, labels
 
@@ -218,7 +233,8 @@ def unpack(batch: dict[str, Tensor], device: torch.device) -> tuple[list[Tensor]
 
 
 def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int, epoch_samples: int,
-                      seed: int, flip_prob: float = 0.5, use_expanded_labels: bool = False):
+                      seed: int, flip_prob: float = 0.5, use_expanded_labels: bool = False,
+                      label_map: np.ndarray | None = None):
     """Uniform sampling without the index: webdataset over the split's shards, resampled, with a fixed
     epoch length (equal batches on every rank). Local shards only (S3 shards: use the index mode)."""
     import random
@@ -236,7 +252,7 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
     def to_sample(sample: dict) -> dict:
         meta = json.loads(sample["json"])
         image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        boxes, labels = training_targets(meta, use_expanded_labels)
+        boxes, labels = training_targets(meta, use_expanded_labels, label_map)
         image, boxes = shrink_to_input(image, boxes, min_size, max_size)
         flip = rng.random() < flip_prob
         if flip:

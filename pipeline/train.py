@@ -28,14 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_prep.errors import ConfigError, TsdError
+from pipeline.checkpoint import CONFIG_FILE, STATE_FILE
 from pipeline.config import ExperimentConfig, dump_config, from_dict, to_dict
 from pipeline.files import write_text_atomic
-
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
 
 
 class TrainingError(TsdError):
@@ -133,10 +132,18 @@ def label_ancestors(cfg: ExperimentConfig) -> torch.Tensor | None:
     sigmoid``) to train against; None for the softmax."""
     if cfg.model.roi.classification != "sigmoid":
         return None
-    from data_prep.prep import load_label_space
+    from pipeline.classes import model_classes
 
-    labels, hierarchy = load_label_space(cfg.data)
-    return torch.from_numpy(hierarchy.ancestor_matrix(labels))
+    return torch.from_numpy(model_classes(cfg).model_ancestor_matrix())
+
+
+def label_map(cfg: ExperimentConfig) -> np.ndarray | None:
+    """Data id -> model id for a class-subset expert (``model.classes``); None for a full label space."""
+    if not cfg.model.classes:
+        return None
+    from pipeline.classes import model_classes
+
+    return model_classes(cfg).data_to_model()
 
 
 def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int):
@@ -154,7 +161,7 @@ def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int,
         stream = streaming_dataset(cfg.data.shards, cfg.train.split, cfg.model.input.min_size,
                                    cfg.model.input.max_size, (sampler.iterations_per_epoch - start) * per_rank,
                                    seed=cfg.train.seed + 1000 * epoch + rank, flip_prob=lc.flip_prob,
-                                   use_expanded_labels=lc.use_expanded_labels)
+                                   use_expanded_labels=lc.use_expanded_labels, label_map=label_map(cfg))
         return DataLoader(stream, batch_size=per_rank, collate_fn=collate, num_workers=workers,
                           pin_memory=cfg.train.use_gpu, **extra)
     batches = list(sampler.rank_batches(epoch, start))
@@ -214,7 +221,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
 
     # 2. data: the same global batches whatever the number of workers
     dataset = ShardDataset(cfg.data.shards, tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
-                           cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels)
+                           cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels, label_map(cfg))
     if dataset.skipped and rank == 0:
         print(f"[tsd train] left out {sum(dataset.skipped.values())} samples of missing or truncated shards: "
               f"{dataset.skipped} (re-run `tsd prep` to restore them)", flush=True)
@@ -223,7 +230,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     ipe = tc.iterations_per_epoch or max(1, math.ceil(len(dataset) / global_batch))
     max_iterations = tc.max_iterations or tc.epochs * ipe
     landscape = dataset.index.widths >= dataset.index.heights
-    sampler = GlobalBatchSampler(dataset.index.labels, landscape, cfg.model.num_classes, per_rank, world, rank,
+    sampler = GlobalBatchSampler(dataset.sample_labels, landscape, cfg.model.num_classes, per_rank, world, rank,
                                  tc.seed, ipe, SamplerSpec(cfg.loader.sampler, cfg.loader.num_sample_class,
                                                            cfg.loader.repeat_threshold, cfg.loader.group_by_aspect,
                                                            cfg.loader.flip_prob))
@@ -426,8 +433,11 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     from data_prep.prep import index_name
     from data_prep.ray_runtime import init_ray, shutdown_ray
     from data_prep.storage import is_s3, open_storage
+    from pipeline.classes import model_classes, resolve_class_selection
     from pipeline.weights_files import check_weights
 
+    cfg = resolve_class_selection(cfg)  # an expert's classes, named in the config the run writes
+    model_classes(cfg)  # unknown classes or a wrong num_classes: said before any worker starts
     # workers do not share the driver's working directory: make every local path absolute
     absolute = lambda p: p if is_s3(p) else str(Path(p).resolve())  # noqa: E731
     weights = cfg.model.weights

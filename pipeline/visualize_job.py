@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.prep import load_label_space
+from pipeline.classes import model_classes, resolve_class_selection
 from pipeline.config import load_config
 from pipeline.evaluate import load_model_for_inference
 from pipeline.visualize import draw_tsd, tsd_geometry
@@ -16,9 +16,9 @@ from pipeline.visualize import draw_tsd, tsd_geometry
 
 def visualize_images(config: str, overrides: list[str], checkpoint: str, images: str, out: Path,
                      limit: int = 8) -> list[Path]:
-    cfg = load_config(config, overrides)
+    cfg = resolve_class_selection(load_config(config, overrides))
     model = load_model_for_inference(cfg, checkpoint, torch.device("cpu"))
-    names = load_label_space(cfg.data)[0].names
+    names = model_classes(cfg).model.names
     source = Path(images)
     files = [source] if source.is_file() else sorted(p for p in source.iterdir()
                                                     if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]

@@ -16,7 +16,8 @@ import torch
 
 from data_prep.prep import run_prep
 from data_prep.synthetic import generate
-from pipeline.train import STATE_FILE, run_training
+from pipeline.checkpoint import STATE_FILE
+from pipeline.train import run_training
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")

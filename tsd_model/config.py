@@ -133,7 +133,13 @@ class WeightsConfig:
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 80
+    num_classes: int = 80  # the label space's classes (background not counted)
+    # a class-subset expert: the MIDs or display names it is trained on and detects (empty = every class
+    # of the data's label space); `classes_band` picks them by training-box frequency instead
+    classes: list[str] = field(default_factory=list)
+    # [lo, hi): the classes whose rank by training boxes (rarest first, from the prep manifest) falls in
+    # this fraction of the label space, e.g. [0.0, 0.2] = the rarest 20 %; resolved into `classes` by `tsd train`
+    classes_band: list[float] | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
