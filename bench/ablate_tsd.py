@@ -62,7 +62,8 @@ VARIANTS: dict[str, list[str]] = {
 
 def make_data(work: Path, num_train: int, num_validation: int) -> tuple[Path, Path]:
     """The synthetic dataset and its shards (train + validation), written in this process."""
-    from data_prep.prep import image_settings, load_label_space, plan_split, write_index
+    from data_prep.index import write_index
+    from data_prep.prep import image_settings, load_label_space, plan_split
     from data_prep.shard import write_shard
     from data_prep.storage import open_storage
     from data_prep.synthetic import generate

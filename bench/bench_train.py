@@ -35,7 +35,8 @@ def make_shards(work: Path, images: int) -> str:
     """Photo-like JPEGs sharded for training, in-process; returns the shards directory."""
     from bench_shard import make_dataset
 
-    from data_prep.prep import image_settings, load_label_space, plan_split, write_index
+    from data_prep.index import write_index
+    from data_prep.prep import image_settings, load_label_space, plan_split
     from data_prep.shard import write_shard
     from data_prep.storage import open_storage
     from pipeline.config import load_config

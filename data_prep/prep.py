@@ -10,7 +10,6 @@ are published. The output may be a local directory or an ``s3://`` prefix.
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import json
 import re
@@ -23,6 +22,7 @@ from data_prep import rejects as R
 from data_prep.config import DataConfig, PrepConfig
 from data_prep.errors import ConfigError, InputError
 from data_prep.hierarchy import Hierarchy
+from data_prep.index import index_name, write_index
 from data_prep.labels import LabelSpace
 from data_prep.oid_files import (
     BOX_FLAGS,
@@ -43,10 +43,6 @@ MANIFEST_FILE = "manifest.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VALID_IMAGE_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # webdataset keys must not contain dots
 TAR_OVERHEAD = 3 * 512 + 1024  # two tar headers, padding and a typical JSON member
-
-
-def index_name(split: str) -> str:
-    return f"{split}-index.parquet"
 
 
 def resolve(root: str, name: str) -> str:
@@ -303,35 +299,6 @@ def _run_tasks(
                                        total=len(plan.shards)):
         results[result.index] = result
     return [results[i] for i in sorted(results)]
-
-
-def write_index(out: Storage, split: str, results: list[ShardResult]) -> int:
-    """The per-sample Parquet index of a split from its shard results (what the loader reads)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def column(name: str) -> list:
-        return [value for r in results for value in r.index_columns[name]]
-
-    table = pa.table(
-        {
-            "key": pa.array(column("key"), pa.string()),
-            "shard": pa.array([r.name for r in results for _ in range(r.num_samples)], pa.string()),
-            "shard_index": pa.array([r.index for r in results for _ in range(r.num_samples)], pa.int32()),
-            "jpg_offset": pa.array(column("jpg_offset"), pa.int64()),
-            "jpg_size": pa.array(column("jpg_size"), pa.int64()),
-            "json_offset": pa.array(column("json_offset"), pa.int64()),
-            "json_size": pa.array(column("json_size"), pa.int64()),
-            "width": pa.array(column("width"), pa.int32()),
-            "height": pa.array(column("height"), pa.int32()),
-            "labels": pa.array(column("labels"), pa.list_(pa.int16())),
-            "num_boxes": pa.array(column("num_boxes"), pa.int32()),
-        }
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    out.put_bytes(index_name(split), buf.getvalue())
-    return table.num_rows
 
 
 def _class_stats(labels: LabelSpace, results: list[ShardResult]) -> list[dict]:

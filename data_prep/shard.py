@@ -24,16 +24,13 @@ from data_prep import rejects as R
 from data_prep.boxes import normalized_to_pixels
 from data_prep.errors import InputError
 from data_prep.images import ImageRejected, check_image
+from data_prep.index import INDEX_COLUMNS
 from data_prep.rejects import Reject
 from data_prep.storage import FILE_MODE, LocalStorage, Storage
 
 REPORT_DIR = "_shards"
 TAR_MTIME = 0
 FLAG_KEYS = ("is_occluded", "is_truncated", "is_group_of", "is_depiction", "is_inside")
-# A sample's row in the split's index: its key, where its members are in the shard, its size,
-# its classes (each once) and its number of boxes.
-INDEX_COLUMNS = ("key", "jpg_offset", "jpg_size", "json_offset", "json_size", "width", "height", "labels",
-                 "num_boxes")
 
 
 def shard_name(split: str, index: int) -> str:

@@ -102,7 +102,7 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
         outs = _infer(model, [it["image"] for it in items], cfg, device, expansion)
         for it, out in zip(items, outs, strict=True):
             h, w = it["image"].shape[-2:]
-            parts.append({"keys": [ds.index.keys[it["index"]]] * len(out["scores"]),
+            parts.append({"keys": [ds.index.key(it["index"])] * len(out["scores"]),
                           "classes": to_data[out["labels"].cpu().numpy()],
                           "scores": out["scores"].float().cpu().numpy(),
                           "boxes": out["boxes"].float().cpu().numpy() / np.array([w, h, w, h], dtype=np.float32)})
@@ -202,8 +202,8 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | list[str], split: str
     at once for an ensemble, then merged), classes in the data's label space."""
     import ray
 
+    from data_prep.index import ShardIndex
     from data_prep.ray_runtime import gather_with_progress, init_ray, shutdown_ray
-    from pipeline.loader import ShardIndex
 
     members = inference_members(cfg, [checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
     index = ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split)
@@ -263,11 +263,11 @@ def score_detections(inputs, detections: dict, thresholds=(0.5,), keep_curves: b
 def size_breakdown(cfg: ExperimentConfig, split: str, inputs, detections: dict) -> dict[str, float]:
     """COCO-style AP by object size (paper Table 9) on the split's expanded ground truth, in pixels
     of the stored images, group-of boxes as crowd regions. Not the challenge metric: a breakdown."""
+    from data_prep.index import ShardIndex
     from pipeline.coco_metric import coco_ap
-    from pipeline.loader import ShardIndex
 
     index = ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split)
-    position = {k: i for i, k in enumerate(index.keys)}
+    position = {k: i for i, k in enumerate(index.key_list())}
     sizes = np.stack([index.heights, index.widths], axis=1)
     gt = inputs.gt
     gt_pos = np.array([position.get(inputs.images.ids[c], -1) for c in gt.box_image], dtype=np.int64)

@@ -13,10 +13,7 @@ shards, resampled, for uniform sampling without the index.
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import numpy as np
 import torch
@@ -26,53 +23,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from data_prep.errors import InputError
-from data_prep.prep import index_name
-from data_prep.storage import Storage, open_storage
-
-
-def _subset(index: ShardIndex, keep: np.ndarray) -> ShardIndex:
-    sel = np.flatnonzero(keep)
-    return ShardIndex([index.keys[i] for i in sel], [index.shards[i] for i in sel], index.offsets[sel],
-                      index.jpg_sizes[sel], index.ends[sel], index.json_offsets[sel], index.widths[sel],
-                      index.heights[sel], [index.labels[i] for i in sel])
-
-
-@dataclass
-class ShardIndex:
-    """The columns of ``{split}-index.parquet`` that the loader and samplers use."""
-
-    keys: list[str]
-    shards: list[str]
-    offsets: np.ndarray  # start of the .jpg data
-    jpg_sizes: np.ndarray
-    ends: np.ndarray  # end of the .json data
-    json_offsets: np.ndarray
-    widths: np.ndarray
-    heights: np.ndarray
-    labels: list[np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @classmethod
-    def load(cls, storage: Storage, split: str) -> ShardIndex:
-        import pyarrow.parquet as pq
-
-        name = index_name(split)
-        if not storage.exists(name):
-            raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
-        table = pq.read_table(io.BytesIO(storage.read_bytes(name)))
-        col = {c: table.column(c) for c in table.column_names}
-        labels = [np.asarray(x, dtype=np.int64) for x in col["labels"].to_pylist()]
-        json_offsets = col["json_offset"].to_numpy()
-        shards = col["shard"].to_pylist()
-        for shard in set(shards):  # names come from a file: they must stay inside the shards' root
-            if not isinstance(shard, str) or not shard or shard != PurePosixPath(shard).name or shard in (".", ".."):
-                raise InputError(f"{storage.uri(name)}: shard name {shard!r} is not a file name inside the "
-                                 f"shards' root (an index names its shards as `tsd prep` wrote them)")
-        return cls(col["key"].to_pylist(), shards, col["jpg_offset"].to_numpy(),
-                   col["jpg_size"].to_numpy(), json_offsets + col["json_size"].to_numpy(), json_offsets,
-                   col["width"].to_numpy(), col["height"].to_numpy(), labels)
+from data_prep.index import LabelSets, ShardIndex
+from data_prep.storage import open_storage
 
 
 def resize_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
@@ -118,16 +70,13 @@ class ShardDataset(Dataset):
         self.use_expanded_labels = use_expanded_labels
         self.label_map = label_map  # data id -> model id (-1: not a class of the model), for experts
         self.skipped: dict[str, int] = {}
-        sizes = {}
-        for name in sorted(set(self.index.shards)):
-            sizes[name] = self.storage.size(name) if self.storage.exists(name) else -1
-        shard_size = np.array([sizes[s] for s in self.index.shards], dtype=np.int64)
-        complete = self.index.ends <= shard_size
+        ix = self.index
+        sizes = np.array([self.storage.size(n) if self.storage.exists(n) else -1 for n in ix.shard_names], np.int64)
+        complete = ix.ends() <= sizes[ix.shard_ids]
         if not complete.all():
-            for name in np.unique(np.array(self.index.shards, dtype=object)[~complete]):
-                self.skipped[str(name)] = int(sum(1 for s, ok in zip(self.index.shards, complete, strict=True)
-                                                  if s == name and not ok))
-            self.index = _subset(self.index, complete)
+            lost = np.bincount(ix.shard_ids[~complete], minlength=len(ix.shard_names))
+            self.skipped = {ix.shard_names[k]: int(lost[k]) for k in np.flatnonzero(lost)}
+            self.index = ix.take(np.flatnonzero(complete))
             if len(self.index) == 0:
                 raise InputError(f"{shards_uri}: every shard of split '{split}' is missing or truncated "
                                  f"({sorted(self.skipped)[:3]}...); re-run `tsd prep`")
@@ -136,20 +85,20 @@ class ShardDataset(Dataset):
         return len(self.index)
 
     @property
-    def sample_labels(self) -> list[np.ndarray]:
+    def sample_labels(self) -> LabelSets:
         """Every sample's label ids in the model's label space (what the samplers balance)."""
         if self.label_map is None:
             return self.index.labels
-        return [ids[ids >= 0] for ids in (self.label_map[lab] for lab in self.index.labels)]
+        return self.index.labels.mapped(self.label_map)
 
     def read(self, i: int) -> tuple[bytes, dict]:
         ix = self.index
-        start, end = int(ix.offsets[i]), int(ix.ends[i])
-        blob = self.storage.read_range(ix.shards[i], start, end - start)
+        shard = ix.shard(i)
+        blob = self.storage.read_range(shard, int(ix.starts[i]), int(ix.lengths[i]))
         jpg = blob[: int(ix.jpg_sizes[i])]
-        meta = json.loads(blob[int(ix.json_offsets[i]) - start :])
-        if meta.get("image_id") != ix.keys[i]:
-            raise InputError(f"{self.storage.uri(ix.shards[i])}: the index does not match the shard at {ix.keys[i]}")
+        meta = json.loads(blob[int(ix.json_starts[i]) :])
+        if meta.get("image_id") != ix.key(i):
+            raise InputError(f"{self.storage.uri(shard)}: the index does not match the shard at {ix.key(i)}")
         return jpg, meta
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
@@ -158,7 +107,7 @@ class ShardDataset(Dataset):
             jpg, meta = self.read(i)
             image = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (ValueError, RuntimeError) as exc:  # bad JSON or JPEG bytes inside a complete-looking shard
-            raise InputError(f"{self.storage.uri(self.index.shards[i])} [{self.index.keys[i]}]: damaged sample "
+            raise InputError(f"{self.storage.uri(self.index.shard(i))} [{self.index.key(i)}]: damaged sample "
                              f"({type(exc).__name__}: {str(exc)[:120]}); re-run `tsd prep` for this split") from None
         boxes, labels = training_targets(meta, self.use_expanded_labels, self.label_map)
         image, boxes = shrink_to_input(image, boxes, self.min_size, self.max_size)
@@ -243,7 +192,7 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
 
     storage = open_storage(shards_uri)
     # the index names the split's shards: a stray tar left by another plan is never read
-    names = sorted(set(ShardIndex.load(storage, split).shards))
+    names = sorted(ShardIndex.load(storage, split).shard_names)
     if not names:
         raise InputError(f"{shards_uri}: no shards for split '{split}'")
     urls = [storage.uri(n) for n in names]

@@ -24,48 +24,59 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class RandomCycle:
-    """Cycles through ``items`` in a random order, reshuffled at every pass (mmdetection's RandomCycleIter)."""
-
-    def __init__(self, items: np.ndarray, rng: np.random.Generator) -> None:
-        self.items = np.asarray(items)
-        self.rng = rng
-        self.order = rng.permutation(len(self.items))
-        self.pos = 0
-
-    def take(self, n: int) -> np.ndarray:
-        out = np.empty(n, dtype=self.items.dtype)
-        for k in range(n):
-            if self.pos == len(self.order):
-                self.order = self.rng.permutation(len(self.items))
-                self.pos = 0
-            out[k] = self.items[self.order[self.pos]]
-            self.pos += 1
-        return out
+from data_prep.index import LabelSets
 
 
-def class_image_lists(labels: list[np.ndarray], num_classes: int) -> list[np.ndarray]:
+def _label_sets(labels) -> LabelSets:
+    return labels if isinstance(labels, LabelSets) else LabelSets.from_lists(list(labels))
+
+
+def class_image_lists(labels, num_classes: int) -> list[np.ndarray]:
     """For every class, the indices of the images that contain it."""
-    image = np.repeat(np.arange(len(labels)), [len(x) for x in labels])
-    cls = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
-    order = np.argsort(cls, kind="stable")
-    bounds = np.searchsorted(cls[order], np.arange(num_classes + 1))
-    return [image[order[bounds[c] : bounds[c + 1]]] for c in range(num_classes)]
+    flat, bounds = _class_images_flat(_label_sets(labels), num_classes)
+    return [flat[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
 
 
-def repeat_factors(labels: list[np.ndarray], num_classes: int, threshold: float) -> np.ndarray:
+def _class_images_flat(labels: LabelSets, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every class's images as one array sorted by class (int32), and each class's bounds in it."""
+    image = labels.sample_of_each().astype(np.int32)
+    cls = labels.values if labels.values.dtype.itemsize <= 2 else labels.values.astype(np.int64)
+    order = np.argsort(cls, kind="stable")  # a radix sort for the index's int16 class ids
+    return image[order], np.searchsorted(cls[order], np.arange(num_classes + 1))
+
+
+def repeat_factors(labels, num_classes: int, threshold: float) -> np.ndarray:
     """Per-image repeat factors (detectron2's RepeatFactorTrainingSampler, LVIS paper eq. 2):
     1. f(c): the fraction of images that contain class c;
     2. r(c) = max(1, sqrt(t / f(c)));
     3. r(I) = max over the classes c in I of r(c) (1 for an image without labels)."""
-    counts = np.zeros(num_classes)
-    for lab in labels:
-        counts[np.unique(lab)] += 1
-    freq = counts / max(1, len(labels))
+    labels = _label_sets(labels)
+    n = len(labels)
+    pairs = labels.sample_of_each() * num_classes + labels.values.astype(np.int64)
+    # an image counts once per class: the pairs are grouped by image already, so a stable sort (runs
+    # of a few values) and a comparison with the neighbour remove repeats cheaply
+    pairs.sort(kind="stable")
+    first = np.concatenate([[True], pairs[1:] != pairs[:-1]]) if len(pairs) else np.zeros(0, bool)
+    freq = np.bincount(pairs[first] % num_classes, minlength=num_classes) / max(1, n)
     with np.errstate(divide="ignore"):
         r_class = np.maximum(1.0, np.sqrt(threshold / np.where(freq > 0, freq, np.inf)))
-    return np.array([r_class[lab].max() if len(lab) else 1.0 for lab in labels])
+    out = np.ones(n)
+    counts = labels.counts()
+    has = counts > 0
+    if has.any():
+        out[has] = np.maximum.reduceat(r_class[labels.values], labels.offsets[:-1][has])
+    return out
+
+
+def _cycle_draws(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The first ``n`` draws of a cycle through ``images`` reshuffled at every pass (mmdetection's
+    RandomCycleIter): whole random permutations, then the start of one more, without a Python loop."""
+    size = len(images)
+    passes, rest = divmod(n, size)
+    parts = [images[rng.permuted(np.tile(np.arange(size), (passes, 1)), axis=1).ravel()]] if passes else []
+    if rest:
+        parts.append(images[rng.choice(size, rest, replace=False)])  # the start of a random permutation
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 @dataclass
@@ -80,10 +91,12 @@ class SamplerSpec:
 class GlobalBatchSampler:
     """Yields this rank's batches of ``(dataset index, flip)`` for an epoch, from any iteration on."""
 
-    def __init__(self, labels: list[np.ndarray], landscape: np.ndarray, num_classes: int, images_per_rank: int,
-                 world_size: int, rank: int, seed: int, iterations_per_epoch: int, spec: SamplerSpec) -> None:
+    def __init__(self, labels: LabelSets | list[np.ndarray], landscape: np.ndarray, num_classes: int,
+                 images_per_rank: int, world_size: int, rank: int, seed: int, iterations_per_epoch: int,
+                 spec: SamplerSpec) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        labels = _label_sets(labels)
         self.labels = labels
         self.landscape = np.asarray(landscape, dtype=bool)
         self.num_classes = num_classes
@@ -95,8 +108,8 @@ class GlobalBatchSampler:
         self.spec = spec
         self.global_batch = images_per_rank * world_size
         if spec.mode == "class_aware":
-            self.class_images = class_image_lists(labels, num_classes)
-            self.valid_classes = np.array([c for c, imgs in enumerate(self.class_images) if len(imgs)])
+            self.class_flat, self.class_bounds = _class_images_flat(labels, num_classes)
+            self.valid_classes = np.flatnonzero(np.diff(self.class_bounds) > 0)
             if len(self.valid_classes) == 0:
                 raise ValueError("class-aware sampling needs images with labels")
         elif spec.mode == "repeat_factor":
@@ -107,48 +120,49 @@ class GlobalBatchSampler:
     def _rng(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch])
 
-    def _stream(self, rng: np.random.Generator, chunk: int):
-        """An endless stream of dataset indices, produced in chunks."""
+    def _draws(self, rng: np.random.Generator, at_least: int) -> np.ndarray:
+        """At least ``at_least`` dataset indices of the epoch's stream, drawn in a few numpy calls."""
         n = len(self.labels)
         if self.spec.mode == "uniform":
-            while True:
-                yield rng.permutation(n)
-        elif self.spec.mode == "class_aware":
-            classes = RandomCycle(self.valid_classes, rng)
-            per_class = {int(c): RandomCycle(self.class_images[c], rng) for c in self.valid_classes}
-            rounds = max(1, math.ceil(chunk / (len(self.valid_classes) * self.spec.num_sample_class)))
-            while True:
-                out = []
-                for _ in range(rounds * len(self.valid_classes)):
-                    c = int(classes.take(1)[0])
-                    out.append(per_class[c].take(self.spec.num_sample_class))
-                yield np.concatenate(out)
-        else:
-            while True:
-                whole = np.floor(self.factors)
-                reps = whole + (rng.random(n) < self.factors - whole)
-                indices = np.repeat(np.arange(n), reps.astype(np.int64))
-                yield indices[rng.permutation(len(indices))]
+            return np.concatenate([rng.permutation(n) for _ in range(max(1, -(-at_least // n)))])
+        if self.spec.mode == "class_aware":
+            # rounds of visits to every class in a shuffled order (a cycle over the classes), each visit
+            # taking the next num_sample_class images of the class's own cycle; a class is visited once
+            # per round, so its p-th visit takes draws [p*k, (p+1)*k) of its cycle
+            k, valid = self.spec.num_sample_class, self.valid_classes
+            rounds = max(1, math.ceil(at_least / (len(valid) * k)))
+            order = rng.permuted(np.tile(np.arange(len(valid)), (rounds, 1)), axis=1)  # [rounds, V] class positions
+            draws = np.stack([_cycle_draws(self.class_flat[self.class_bounds[c] : self.class_bounds[c + 1]],
+                                           rounds * k, rng).reshape(rounds, k) for c in valid])  # [V, rounds, k]
+            return draws[order, np.arange(rounds)[:, None]].reshape(-1).astype(np.int64)
+        parts, total = [], 0
+        while total < at_least:
+            whole = np.floor(self.factors)
+            reps = whole + (rng.random(n) < self.factors - whole)
+            indices = np.repeat(np.arange(n), reps.astype(np.int64))
+            parts.append(indices[rng.permutation(len(indices))])
+            total += len(indices)
+        return np.concatenate(parts)
 
     def epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """``[iterations, global_batch]`` dataset indices and flip bits of every global batch."""
+        """``[iterations, global_batch]`` dataset indices and flip bits of every global batch.
+
+        Draws are grouped by aspect ratio when asked: each group fills its own batches in stream
+        order, and batches come out in the order they complete (what a loop with one buffer per
+        group produces). (need + 2) x global_batch draws always complete ``need`` batches: each of
+        the two groups leaves fewer than one batch unfilled."""
         rng = self._rng(epoch)
-        need = self.iterations_per_epoch
-        gb = self.global_batch
-        batches: list[np.ndarray] = []
-        buffers: dict[bool, list[int]] = {True: [], False: []}
-        stream = self._stream(rng, need * gb)
-        while len(batches) < need:
-            for idx in next(stream):
-                group = bool(self.landscape[idx]) if self.spec.group_by_aspect else True
-                buf = buffers[group]
-                buf.append(int(idx))
-                if len(buf) == gb:
-                    batches.append(np.array(buf))
-                    buf.clear()
-                    if len(batches) == need:
-                        break
-        indices = np.stack(batches) if batches else np.zeros((0, gb), np.int64)
+        need, gb = self.iterations_per_epoch, self.global_batch
+        stream = self._draws(rng, (need + 2) * gb)
+        groups = self.landscape[stream] if self.spec.group_by_aspect else np.ones(len(stream), bool)
+        batches, completed = [], []
+        for value in (True, False):
+            pos = np.flatnonzero(groups == value)
+            full = len(pos) // gb
+            batches.append(stream[pos[: full * gb]].reshape(full, gb))
+            completed.append(pos[gb - 1 :: gb][:full])
+        order = np.argsort(np.concatenate(completed), kind="stable")[:need]
+        indices = np.concatenate(batches)[order].astype(np.int64) if need else np.zeros((0, gb), np.int64)
         flips = rng.random(indices.shape) < self.spec.flip_prob
         return indices, flips
 

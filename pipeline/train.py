@@ -369,9 +369,9 @@ def _evaluate_during_training(core, cfg: ExperimentConfig, rank: int, world: int
     with the official metric and logs; returns ``{"val_mAP": ...}`` on rank 0 ({} elsewhere)."""
     import torch.distributed as dist
 
+    from data_prep.index import ShardIndex
     from data_prep.storage import open_storage
     from pipeline.evaluate import detect_range, merge_detections, score_detections, split_ground_truth
-    from pipeline.loader import ShardIndex
 
     split = cfg.train.eval_split
     n = len(ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split))
@@ -430,7 +430,7 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from data_prep.prep import index_name
+    from data_prep.index import index_name
     from data_prep.ray_runtime import init_ray, shutdown_ray
     from data_prep.storage import is_s3, open_storage
     from pipeline.classes import model_classes, resolve_class_selection

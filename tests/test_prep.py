@@ -199,14 +199,16 @@ def test_loader_leaves_out_truncated_shards_and_names_damaged_samples(prepared, 
     ds = ShardDataset(str(copy), "train", 160, 224)
     assert 0 < ds.skipped[shard["name"]] <= shard["samples"]
     assert len(ds) == 40 - ds.skipped[shard["name"]]
-    assert all(s != shard["name"] or ds.index.ends[k] <= path.stat().st_size for k, s in enumerate(ds.index.shards))
+    shards = [ds.index.shard(k) for k in range(len(ds))]
+    assert all(s != shard["name"] or ds.index.ends()[k] <= path.stat().st_size for k, s in enumerate(shards))
     # damage the bytes of one sample of another shard: a clear error naming shard and key
     other = manifest["splits"]["train"]["shards"][1]["name"]
-    k = ds.index.shards.index(other)
+    k = shards.index(other)
     data = bytearray((copy / other).read_bytes())
-    data[int(ds.index.json_offsets[k]) : int(ds.index.json_offsets[k]) + 5] = b"XXXXX"
+    json_at = int(ds.index.starts[k] + ds.index.json_starts[k])
+    data[json_at : json_at + 5] = b"XXXXX"
     (copy / other).write_bytes(bytes(data))
-    with pytest.raises(InputError, match=rf"{other} \[{ds.index.keys[k]}\]: damaged sample"):
+    with pytest.raises(InputError, match=rf"{other} \[{ds.index.key(k)}\]: damaged sample"):
         ds[(k, False)]
 
 

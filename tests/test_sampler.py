@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.sampler import GlobalBatchSampler, RandomCycle, SamplerSpec, class_image_lists, repeat_factors
+from pipeline.sampler import GlobalBatchSampler, SamplerSpec, _cycle_draws, class_image_lists, repeat_factors
 
 
 def _dataset(n: int = 600, classes: int = 20, seed: int = 0):
@@ -23,14 +23,15 @@ def test_class_aware_visits_every_class_equally_often():
     labels, land = _dataset()
     s = _sampler(labels, land, "class_aware", per_rank=5, iters=400, group_by_aspect=False)
     rng = np.random.default_rng([0, 3])
-    stream = s._stream(rng, 2000)
-    drawn = np.concatenate([next(stream) for _ in range(3)])
+    drawn = s._draws(rng, 6000)
     images_of = class_image_lists(labels, 20)
-    # each round visits every class once: the class of draw k is the k-th class of the round order,
-    # so counting, per class, the draws that contain it must give at least the rounds
+    # each round visits every class once, drawing one of its images: every block of 20 draws has,
+    # for every class, an image that contains it
     rounds = len(drawn) // 20
+    assert rounds >= 300
     for c in range(20):
         assert np.isin(drawn, images_of[c]).sum() >= rounds
+        assert np.isin(drawn.reshape(rounds, 20), images_of[c]).any(axis=1).all()
     # a frequency test on the drawn images' classes vs uniform sampling: rare classes are boosted
     uniform = np.concatenate([rng.permutation(len(labels)) for _ in range(4)])[: len(drawn)]
     rare = images_of[19]
@@ -94,7 +95,8 @@ def test_repeat_factors_follow_lvis():
     assert r[0] == 1.0 and r[95] == pytest.approx(np.sqrt(0.4 / 0.1))
 
 
-def test_random_cycle_covers_every_item_each_pass():
-    cycle = RandomCycle(np.arange(7), np.random.default_rng(0))
-    for _ in range(3):
-        assert sorted(cycle.take(7).tolist()) == list(range(7))
+def test_cycle_draws_cover_every_item_each_pass():
+    draws = _cycle_draws(np.arange(7) * 10, 7 * 3 + 4, np.random.default_rng(0))
+    for p in range(3):
+        assert sorted(draws[7 * p : 7 * (p + 1)].tolist()) == list(range(0, 70, 10))
+    assert len(set(draws[21:].tolist())) == 4  # the start of a 4th pass: no repeats

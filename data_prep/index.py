@@ -1,0 +1,210 @@
+"""The per-sample index of a split (``{split}-index.parquet``): its schema, writing it, reading it.
+
+One row per sample: its key, its shard, where its ``.jpg`` and ``.json`` members lie in the tar,
+the image size, its classes (each once) and its number of boxes. ``tsd prep`` writes it; the
+loader, the samplers and evaluation read it. This module is the only place that knows the
+columns.
+
+Read at the real train split's size (1,743,042 rows, ~7 classes per image) it must be cheap in
+every training process and its DataLoader workers, so ``ShardIndex`` is columnar: numpy arrays
+and one Arrow string array, no Python object per sample. Forked loader workers then share its
+pages (no per-object reference counts to touch), the labels are one flat array with offsets
+(``LabelSets``), shard names are stored once with an int32 id per sample, and positions are
+stored relative to the sample's start (int32), ~120 bytes per sample in all.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from data_prep.errors import InputError
+
+# A sample's row as the shard writer collects it (``ShardResult.index_columns``), in this order.
+INDEX_COLUMNS = ("key", "jpg_offset", "jpg_size", "json_offset", "json_size", "width", "height", "labels",
+                 "num_boxes")
+
+
+def index_name(split: str) -> str:
+    return f"{split}-index.parquet"
+
+
+def index_schema():
+    import pyarrow as pa
+
+    return pa.schema([("key", pa.string()), ("shard", pa.string()), ("shard_index", pa.int32()),
+                      ("jpg_offset", pa.int64()), ("jpg_size", pa.int64()), ("json_offset", pa.int64()),
+                      ("json_size", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
+                      ("labels", pa.list_(pa.int16())), ("num_boxes", pa.int32())])
+
+
+def index_table(shards: list[tuple[int, str, dict[str, list]]]):
+    """The index table of ``(shard index, shard name, index columns)`` in shard order."""
+    import pyarrow as pa
+
+    def column(name: str) -> list:
+        return [value for _, _, cols in shards for value in cols[name]]
+
+    counts = [len(cols["key"]) for _, _, cols in shards]
+    schema = index_schema()
+    data = {"shard": [name for (_, name, _), n in zip(shards, counts, strict=True) for _ in range(n)],
+            "shard_index": [i for (i, _, _), n in zip(shards, counts, strict=True) for _ in range(n)],
+            **{name: column(name) for name in INDEX_COLUMNS}}
+    return pa.table({f.name: pa.array(data[f.name], f.type) for f in schema}, schema=schema)
+
+
+def write_index_table(out, split: str, table) -> int:
+    """Publish a split's index table (Parquet) into the shards' storage; returns its rows."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out.put_bytes(index_name(split), buf.getvalue())
+    return table.num_rows
+
+
+def write_index(out, split: str, results) -> int:
+    """The index of a split from its shards' results (``data_prep.shard.ShardResult``)."""
+    return write_index_table(out, split, index_table([(r.index, r.name, r.index_columns) for r in results]))
+
+
+@dataclass
+class LabelSets:
+    """Every sample's classes as one flat array and offsets: sample i has ``values[offsets[i]:offsets[i+1]]``."""
+
+    values: np.ndarray  # [L] int
+    offsets: np.ndarray  # [N + 1] int
+
+    @classmethod
+    def from_lists(cls, labels: list) -> LabelSets:
+        counts = np.array([len(x) for x in labels], dtype=np.int64)
+        values = np.concatenate([np.asarray(x, np.int64) for x in labels]) if len(labels) else np.zeros(0, np.int64)
+        return cls(values, np.concatenate([[0], np.cumsum(counts)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample_of_each(self) -> np.ndarray:
+        """``[L]``: the sample each value belongs to."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), self.counts())
+
+    def take(self, rows: np.ndarray) -> LabelSets:
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self.counts()[rows]
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        starts = np.repeat(self.offsets[rows] - offsets[:-1], counts)
+        return LabelSets(self.values[np.arange(offsets[-1]) + starts], offsets)
+
+    def mapped(self, label_map: np.ndarray) -> LabelSets:
+        """The classes through ``label_map`` (old id -> new id, -1 drops it), e.g. into an expert's ids."""
+        new = np.asarray(label_map)[self.values]
+        keep = new >= 0
+        kept_per_sample = np.bincount(self.sample_of_each()[keep], minlength=len(self))
+        return LabelSets(new[keep], np.concatenate([[0], np.cumsum(kept_per_sample)]))
+
+
+@dataclass
+class ShardIndex:
+    """The columns of a split's index that the loader, samplers and evaluation use (see the module doc)."""
+
+    keys: object  # pyarrow StringArray; ``key(i)`` for one, ``key_list()`` for all
+    shard_names: tuple[str, ...]
+    shard_ids: np.ndarray  # [N] int32 into shard_names
+    starts: np.ndarray  # [N] int64: where the sample's .jpg data starts in its shard
+    jpg_sizes: np.ndarray  # [N] int32
+    json_starts: np.ndarray  # [N] int32: the .json data's start, relative to ``starts``
+    lengths: np.ndarray  # [N] int32: bytes from ``starts`` to the end of the .json data (one range read)
+    widths: np.ndarray  # [N] int32
+    heights: np.ndarray  # [N] int32
+    labels: LabelSets
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def key(self, i: int) -> str:
+        return self.keys[int(i)].as_py()
+
+    def key_list(self) -> list[str]:
+        return self.keys.to_pylist()
+
+    def shard(self, i: int) -> str:
+        return self.shard_names[int(self.shard_ids[i])]
+
+    def ends(self) -> np.ndarray:
+        return self.starts + self.lengths
+
+    def take(self, rows: np.ndarray) -> ShardIndex:
+        rows = np.asarray(rows, dtype=np.int64)
+        import pyarrow as pa
+
+        return ShardIndex(self.keys.take(pa.array(rows)), self.shard_names, self.shard_ids[rows], self.starts[rows],
+                          self.jpg_sizes[rows], self.json_starts[rows], self.lengths[rows], self.widths[rows],
+                          self.heights[rows], self.labels.take(rows))
+
+    @classmethod
+    def load(cls, storage, split: str) -> ShardIndex:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        name = index_name(split)
+        if not storage.exists(name):
+            raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
+        source = storage.local_path(name) if hasattr(storage, "local_path") else io.BytesIO(storage.read_bytes(name))
+        file = pq.ParquetFile(source, read_dictionary=["shard"])
+
+        def column(col: str):
+            """One column as one Arrow array, read on its own: the decoder's buffers of one column at a
+            time, not of the whole table, are alive at once."""
+            table = file.read(columns=[col])
+            return table.column(0).combine_chunks() if table.num_rows else None
+
+        def numbers(col: str, dtype) -> np.ndarray:
+            values = column(col)
+            return np.zeros(0, dtype) if values is None else values.to_numpy().astype(dtype)
+
+        shard_column = column("shard")
+        if shard_column is None:
+            shard_column = pc.dictionary_encode(pa.array([], pa.string()))
+        names = tuple(shard_column.dictionary.to_pylist())
+        for shard in names:  # names come from a file: they must stay inside the shards' root
+            if not isinstance(shard, str) or not shard or shard != PurePosixPath(shard).name or shard in (".", ".."):
+                raise InputError(f"{storage.uri(name)}: shard name {shard!r} is not a file name inside the "
+                                 f"shards' root (an index names its shards as `tsd prep` wrote them)")
+        shard_ids = shard_column.indices.to_numpy().astype(np.int32)
+        shard_column = None
+        starts = numbers("jpg_offset", np.int64)
+        json_starts = numbers("json_offset", np.int64) - starts
+        lengths = json_starts + numbers("json_size", np.int64)
+        if len(lengths) and (lengths.max() >= 2**31 or json_starts.min() < 0):
+            raise InputError(f"{storage.uri(name)}: sample positions are not those `tsd prep` writes")
+        labels = column("labels")
+        label_sets = (LabelSets(np.zeros(0, np.int16), np.zeros(1, np.int64)) if labels is None else
+                      LabelSets(labels.values.to_numpy().copy(), labels.offsets.to_numpy().astype(np.int64)))
+        labels = None
+        keys = column("key")
+        index = cls(pa.array([], pa.string()) if keys is None else keys, names, shard_ids, starts,
+                    numbers("jpg_size", np.int32), json_starts.astype(np.int32), lengths.astype(np.int32),
+                    numbers("width", np.int32), numbers("height", np.int32), label_sets)
+        pa.default_memory_pool().release_unused()  # the decoders' buffers go back to the system
+        _trim_malloc()  # and numpy's temporaries (glibc keeps freed heap memory otherwise)
+        return index
+
+
+def _trim_malloc() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

@@ -1,0 +1,95 @@
+"""The columnar prep index (``data_prep.index``): written and read back with the one schema, its
+label sets, and the samplers' guarantees at the real train split's size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep.errors import InputError
+from data_prep.index import LabelSets, ShardIndex, index_name, index_schema, index_table, write_index_table
+from data_prep.storage import open_storage
+from pipeline.sampler import GlobalBatchSampler, SamplerSpec
+
+
+def _columns(keys, labels, base=0):
+    n = len(keys)
+    return {"key": list(keys), "jpg_offset": [base + 1536 * (i + 1) for i in range(n)], "jpg_size": [1000] * n,
+            "json_offset": [base + 1536 * (i + 1) + 1024 for i in range(n)], "json_size": [99] * n,
+            "width": [640] * n, "height": [480 - i for i in range(n)], "labels": labels, "num_boxes": [2] * n}
+
+
+def test_written_and_read_back_with_one_schema(tmp_path):
+    out = open_storage(str(tmp_path))
+    table = index_table([(0, "train-000000.tar", _columns(["a", "b"], [[3, 1], []])),
+                         (1, "train-000001.tar", _columns(["c"], [[7]], base=10**10))])
+    assert table.schema == index_schema()
+    assert write_index_table(out, "train", table) == 3
+    assert pq.read_schema(tmp_path / index_name("train")) == index_schema()
+    ix = ShardIndex.load(out, "train")
+    assert len(ix) == 3 and ix.key_list() == ["a", "b", "c"] and ix.key(2) == "c"
+    assert [ix.shard(i) for i in range(3)] == ["train-000000.tar", "train-000000.tar", "train-000001.tar"]
+    assert ix.starts.tolist() == [1536, 3072, 10**10 + 1536]  # beyond 4 GiB in a shard: int64
+    assert ix.json_starts.tolist() == [1024] * 3 and ix.ends().tolist() == [1536 + 1123, 3072 + 1123,
+                                                                              10**10 + 1536 + 1123]
+    assert [ix.labels[i].tolist() for i in range(3)] == [[3, 1], [], [7]] and ix.heights.tolist() == [480, 479, 480]
+    part = ix.take(np.array([2, 0]))
+    assert part.key_list() == ["c", "a"] and [part.labels[i].tolist() for i in range(2)] == [[7], [3, 1]]
+    assert part.shard(0) == "train-000001.tar" and part.starts.tolist() == [10**10 + 1536, 1536]
+
+
+def test_positions_that_prep_cannot_write_are_refused(tmp_path):
+    cols = _columns(["a"], [[1]])
+    cols["json_offset"] = [10]  # before the jpg data
+    out = open_storage(str(tmp_path))
+    write_index_table(out, "train", index_table([(0, "train-000000.tar", cols)]))
+    with pytest.raises(InputError, match="sample positions are not those `tsd prep` writes"):
+        ShardIndex.load(out, "train")
+
+
+def test_label_sets_map_take_and_count():
+    sets = LabelSets.from_lists([[0, 5], [], [5], [2, 0, 9]])
+    assert sets.counts().tolist() == [2, 0, 1, 3] and sets.sample_of_each().tolist() == [0, 0, 2, 3, 3, 3]
+    label_map = np.full(10, -1)
+    label_map[[5, 9]] = [0, 1]
+    mapped = sets.mapped(label_map)
+    assert [mapped[i].tolist() for i in range(4)] == [[0], [], [0], [1]]
+    taken = sets.take(np.array([3, 3, 1]))
+    assert [taken[i].tolist() for i in range(3)] == [[2, 0, 9], [2, 0, 9], []]
+
+
+@pytest.mark.parametrize("mode", ["uniform", "class_aware", "repeat_factor"])
+def test_samplers_at_the_real_train_split_size(mode):
+    """1,743,042 images, 500 long-tailed classes, ~7 per image, 64 ranks of 2 images: an epoch's
+    plan is world-size independent, the ranks are disjoint slices of it, and the class-aware plan
+    visits every class; plans are vectorised (no timing asserted here: see bench_index_scale.py)."""
+    rng = np.random.default_rng(0)
+    n, classes = 1_743_042, 500
+    counts = np.clip(rng.poisson(6, n) + 1, 1, 40)
+    weights = 1.0 / np.arange(1, classes + 1) ** 1.2
+    values = rng.choice(classes, int(counts.sum()), p=weights / weights.sum()).astype(np.int16)
+    labels = LabelSets(values, np.concatenate([[0], np.cumsum(counts)]))
+    landscape = rng.random(n) < 0.7
+    ipe = n // 128
+
+    def sampler(world: int, rank: int, per_rank: int) -> GlobalBatchSampler:
+        return GlobalBatchSampler(labels, landscape, classes, per_rank, world, rank, 3, ipe, SamplerSpec(mode=mode))
+
+    plan, flips = sampler(64, 0, 2).epoch_batches(5)
+    assert plan.shape == flips.shape == (ipe, 128)
+    assert (landscape[plan].all(axis=1) | ~landscape[plan].any(axis=1)).all()  # aspect groups never mix
+    other, _ = sampler(32, 1, 4).epoch_batches(5)
+    np.testing.assert_array_equal(other, plan)  # the same global batches for 32 x 4 as for 64 x 2
+    rank0 = np.array([[i for i, _ in batch] for batch in sampler(64, 0, 2).rank_batches(5, start=ipe - 3)])
+    np.testing.assert_array_equal(rank0, plan[-3:, :2])  # a resumed rank gets its slice of the same plan
+    if mode == "uniform":
+        uses = np.bincount(plan.ravel(), minlength=n)  # an epoch is about one permutation of the data
+        assert uses.max() <= 2 and (uses == 1).mean() > 0.99
+    if mode == "class_aware":
+        seen = np.zeros(classes, bool)
+        seen[labels.values[np.concatenate([np.arange(labels.offsets[i], labels.offsets[i + 1])
+                                           for i in plan[:40].ravel()])]] = True
+        assert seen.all()  # 40 global batches = 5,120 draws reach every one of the 500 classes
+        rare = np.unique(labels.sample_of_each()[values == classes - 1])  # the images of the rarest class
+        assert np.isin(plan, rare).mean() > 2 * len(rare) / n  # it gets at least its 1/500 of the draws
