@@ -150,7 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise TsdError("give --checkpoint (several for an ensemble) or ensemble.members in the config")
     single = args.checkpoint[0] if len(args.checkpoint) == 1 and not cfg.ensemble.members else None
     data = run_evaluation(cfg, args.checkpoint, args.split, args.out, address=args.address,
-                          tensorboard_dir=args.tensorboard, iteration=single and checkpoint_iteration(single))
+                          tensorboard_dir=args.tensorboard,
+                          iteration=single and checkpoint_iteration(single, cfg.data.s3_endpoint_url))
     if "metric" in data:  # COCO datasets
         print(f"{args.split}: COCO AP = {data['AP']:.4f}, AP50 = {data['AP50']:.4f}, AP75 = {data['AP75']:.4f} "
               f"({data['num_images']} images, {data['num_detections']} detections)")

@@ -22,7 +22,7 @@ import torch
 from data_prep.errors import ConfigError, InputError
 from data_prep.prep import load_label_space, resolve
 from data_prep.storage import is_s3, open_storage
-from pipeline.checkpoint import CONFIG_FILE, load_state, resolve_checkpoint
+from pipeline.checkpoint import CONFIG_FILE, is_remote, load_state, resolve_checkpoint
 from pipeline.config import EnsembleMember, ExperimentConfig, to_dict
 from pipeline.files import write_json_atomic, write_text_atomic
 
@@ -32,7 +32,7 @@ def load_model_for_inference(cfg: ExperimentConfig, checkpoint: str, device: tor
     from tsd_model.build import build_model
 
     model = build_model(cfg.model, load_weights=False)  # every weight comes from the checkpoint
-    state = load_state(checkpoint)
+    state = load_state(checkpoint, cfg.data.s3_endpoint_url)
     try:
         model.load_state_dict(state["model"] if "model" in state else state)
     except RuntimeError as exc:
@@ -146,7 +146,7 @@ def _member_config(cfg: ExperimentConfig, spec: EnsembleMember) -> ExperimentCon
 
     source = spec.config
     if source is None:
-        saved = resolve_checkpoint(spec.checkpoint).parent / CONFIG_FILE
+        saved = resolve_checkpoint(spec.checkpoint, cfg.data.s3_endpoint_url).parent / CONFIG_FILE
         source = str(saved) if saved.is_file() else None
     model = load_config(source, []).model if source else cfg.model
     test = dataclasses.replace(cfg.model.test,
@@ -295,7 +295,10 @@ def _models_fields(cfg: ExperimentConfig, checkpoints: list[str]) -> dict:
 def _default_out(cfg: ExperimentConfig, checkpoints: list[str], split: str) -> Path:
     first = checkpoints[0] if checkpoints else cfg.ensemble.members[0].checkpoint
     ensemble = len(checkpoints) > 1 or bool(cfg.ensemble.members)
-    return resolve_checkpoint(first).parent / (f"eval-{split}-ensemble" if ensemble else f"eval-{split}")
+    name = f"eval-{split}-ensemble" if ensemble else f"eval-{split}"
+    if is_remote(first):  # beside an S3 checkpoint is not a local directory: the working directory
+        return Path(name)
+    return resolve_checkpoint(first).parent / name
 
 
 def run_evaluation(cfg: ExperimentConfig, checkpoint: str | list[str], split: str = "validation",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_prep.errors import InputError
 from data_prep.prep import run_prep
 from data_prep.synthetic import generate
 from pipeline.checkpoint import STATE_FILE
@@ -128,6 +129,21 @@ def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path,
         Bucket=s3_bucket, Prefix="runs/killed/")["Contents"]]
     checkpoints = {k.split("/")[2] for k in keys if k.endswith(STATE_FILE)}
     assert len(checkpoints) >= 2 and result["checkpoint"].split("/")[-1] in checkpoints
+
+    # the run's checkpoints are read from S3 as they are: the run (its latest) or one checkpoint
+    from pipeline.checkpoint import checkpoint_iteration
+    from pipeline.evaluate import run_evaluation
+
+    os.environ["TSD_CACHE"] = str(tmp_path / "cache")
+    try:
+        assert checkpoint_iteration(f"s3://{s3_bucket}/runs/killed", s3_server) == 24
+        assert checkpoint_iteration(result["checkpoint"], s3_server) == 24
+        data = run_evaluation(cfg, f"s3://{s3_bucket}/runs/killed", "validation", str(tmp_path / "eval"), progress=False)
+        assert data["checkpoint"] == f"s3://{s3_bucket}/runs/killed" and data["num_images"] == 6
+        with pytest.raises(InputError, match="no checkpoint found"):
+            checkpoint_iteration(f"s3://{s3_bucket}/runs/nothing-here", s3_server)
+    finally:
+        del os.environ["TSD_CACHE"]
 
 
 def test_evaluation_every_epoch_during_training(shards, tmp_path):
