@@ -53,7 +53,8 @@ class TrainConfig:
     split: str = "train"
     run_name: str | None = None  # default: the config's name
     storage_path: str = "runs"  # checkpoints: local dir or s3://bucket/prefix (Ray Train storage)
-    local_dir: str = "runs"  # TensorBoard events and worker status files (always local)
+    local_dir: str = "runs"  # TensorBoard events and worker status files, written on each rank's node...
+    sync_every_s: float = 60.0  # ...and copied into storage_path/<run>/ this often (and at checkpoints)
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

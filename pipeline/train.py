@@ -189,6 +189,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     from torch.utils.tensorboard import SummaryWriter
 
     from pipeline.loader import ShardDataset, unpack
+    from pipeline.run_sync import DirectorySync, run_storage
     from pipeline.sampler import GlobalBatchSampler, SamplerSpec
     from pipeline.schedule import learning_rate, parameter_groups
     from pipeline.visualize import draw_detections, draw_tsd, tsd_geometry
@@ -252,6 +253,17 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     status = _StatusFile(run_dir / "workers", rank)
     status.write(iteration, "running")
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=iteration) if rank == 0 else None
+    # the monitoring files into the run's storage, readable from any machine (pipeline.run_sync)
+    remote = run_storage(tc.storage_path, run_name, tc.local_dir, cfg.data.s3_endpoint_url)
+    syncs = [DirectorySync(run_dir / "workers", remote, "workers", tc.sync_every_s, pattern=f"rank{rank}.json")]
+    if rank == 0:
+        syncs.append(DirectorySync(run_dir / "tensorboard", remote, "tensorboard", tc.sync_every_s))
+
+    def sync(force: bool = False) -> None:
+        if writer is not None:
+            writer.flush()
+        for s in syncs:
+            s(force)
     if writer is not None:
         writer.add_scalar("data/samples_left_out", sum(dataset.skipped.values()), iteration)
     bar = None
@@ -334,6 +346,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
                 window = {"images": 0, "wait": 0.0, "time": 0.0}
             if iteration % tc.log_every == 0:
                 status.write(iteration, "running")
+                sync()
             if rank == 0 and tc.image_log_every and (iteration % tc.image_log_every == 0 or iteration == 1):
                 core.eval()
                 with torch.no_grad():
@@ -351,12 +364,14 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
             if at_epoch_end and tc.eval_every_epochs and (iteration // ipe) % tc.eval_every_epochs == 0:
                 eval_metrics = _evaluate_during_training(core, cfg, rank, world, device, writer, iteration)
             if iteration % tc.checkpoint_every == 0 or at_epoch_end or iteration == max_iterations:
-                save_and_report({**eval_metrics,"iteration": iteration, "epoch": iteration // ipe, "lr": lr,
+                sync(force=True)
+                save_and_report({**eval_metrics, "iteration": iteration, "epoch": iteration // ipe, "lr": lr,
                                  "nonfinite_skipped": skipped_total, "restarts": restarts,
                                  **{k: round(v, 6) for k, v in last_losses.items()}})
             if iteration >= max_iterations or at_epoch_end:
                 break
     status.write(iteration, "finished")
+    sync(force=True)
     if writer is not None:
         writer.close()
     if bar is not None:

@@ -117,6 +117,8 @@ def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path,
             # a few iterations after the checkpoint of iteration 6, so that Ray Train's controller
             # has registered at least one checkpoint before the failure
             if info["iteration"] >= 11 and info["state"] == "running":
+                mid_run = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+                    Bucket=s3_bucket, Prefix="runs/killed/tensorboard/").get("Contents", [])
                 os.kill(info["pid"], signal.SIGKILL)
                 killed_at = info["iteration"]
                 break
@@ -129,6 +131,27 @@ def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path,
         Bucket=s3_bucket, Prefix="runs/killed/")["Contents"]]
     checkpoints = {k.split("/")[2] for k in keys if k.endswith(STATE_FILE)}
     assert len(checkpoints) >= 2 and result["checkpoint"].split("/")[-1] in checkpoints
+
+    # the monitoring files are in the run's storage too: tensorboard reads them from S3 itself
+    assert {"runs/killed/workers/rank0.json", "runs/killed/workers/rank1.json"} <= set(keys)
+    assert json.loads(boto3.client("s3", endpoint_url=s3_server).get_object(
+        Bucket=s3_bucket, Key="runs/killed/workers/rank0.json")["Body"].read())["state"] == "finished"
+    assert any(k.startswith("runs/killed/tensorboard/events.out.tfevents") for k in keys)
+    assert mid_run, "the events are in the run's storage while it trains (copied at every checkpoint)"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    # tensorboard's own S3 reader, as `S3_ENDPOINT=... tensorboard --logdir s3://...` runs it (it reads
+    # the variable when its filesystem is made, at import: make one here that sees it)
+    os.environ["S3_ENDPOINT"] = s3_server
+    gfile.register_filesystem("s3", gfile.S3FileSystem())
+    try:
+        events = EventAccumulator(f"s3://{s3_bucket}/runs/killed/tensorboard", size_guidance={"scalars": 0})
+        events.Reload()
+        steps = [e.step for e in events.Scalars("loss/total")]
+    finally:
+        del os.environ["S3_ENDPOINT"]
+    assert max(steps) == 24 and len(steps) >= 20
 
     # the run's checkpoints are read from S3 as they are: the run (its latest) or one checkpoint
     from pipeline.checkpoint import checkpoint_iteration
