@@ -1,7 +1,7 @@
 """Benchmark: ensembles, what merging costs and what it buys.
 
 1. Cost: ms per image to merge M members of 100 detections per image over the 500 challenge
-   classes (members see the same objects, jittered, each missing a fifth of them): ours
+   classes (members see the same 125 objects, jittered, each missing a fifth of them): ours
    (``pipeline.ensemble.fuse``, ``wbf`` and ``vote``) vs the ``ensemble-boxes`` package's
    ``weighted_boxes_fusion`` (``conf_type="avg"``) when it can be imported (it needs numba and
    pandas, which the project does not depend on: put it on PYTHONPATH to compare).
@@ -37,7 +37,7 @@ def _ensemble_boxes():
         return None
 
 
-def synthetic_members(images: int, members: int, per_image: int = 100, classes: int = 500, seed: int = 0):
+def synthetic_members(images: int, members: int, per_image: int = 125, classes: int = 500, seed: int = 0):
     from pipeline.ensemble import MemberDetections
 
     rng = np.random.default_rng(seed)
@@ -94,7 +94,7 @@ def merge_cost(images: int = 200) -> list[dict]:
     rows = []
     for members in (2, 3):
         data = synthetic_members(images, members)
-        row = {"members": members, "detections_per_member_image": 80, "classes": 500}
+        row = {"members": members, "detections_per_member_image": 100, "classes": 500}
         for method in ("wbf", "vote"):
             fuse(data[:1] * members, method)  # warm-up
             t0 = time.perf_counter()

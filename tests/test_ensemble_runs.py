@@ -93,3 +93,13 @@ def test_ensemble_submission_lists_every_image(trained):
     rows = dict(line.split(",", 1) for line in out.read_text().splitlines()[1:])
     assert max(len(v.split()) // 6 for v in rows.values()) <= cfg.model.test.max_detections
     assert np.isfinite([float(t) for v in rows.values() for t in v.split()[1::6]]).all()
+
+
+def test_a_checkpoint_and_its_flipped_tta_variant_as_two_members(trained):
+    root, base, runs = trained
+    members = f"ensemble.members=[{{checkpoint: {runs['a']}}}, {{checkpoint: {runs['a']}, tta_flip: true, weight: 0.5}}]"
+    data = _eval(root, base, [], "a-tta", members)
+    assert [(m["tta_flip"], m["weight"]) for m in data["ensemble"]["members"]] == [(False, 1.0), (True, 0.5)]
+    single = json.loads((root / "eval" / "a" / "report.json").read_text()) if (root / "eval" / "a").exists() else None
+    assert data["mAP"] > 0.2 and (single is None or data["num_detections"] != single["num_detections"])
+
