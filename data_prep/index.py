@@ -151,14 +151,73 @@ class ShardIndex:
                           self.heights[rows], self.labels.take(rows))
 
     @classmethod
-    def load(cls, storage, split: str) -> ShardIndex:
+    def load(cls, storage, split: str, cache: bool = True) -> ShardIndex:
+        """The split's index. With ``cache``, the decoded columns are kept in a node-local file
+        (``$TSD_CACHE/index``, default ``~/.cache/tsd``) that every later load on the node maps
+        instead of decoding the Parquet file again: all the training and loader processes of a
+        node then share one copy in the page cache, and a load takes milliseconds."""
+        name = index_name(split)
+        if not storage.exists(name):
+            raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
+        path = _cache_path(storage, name) if cache else None
+        if path is not None and path.is_file():
+            try:
+                return cls._mapped(path)
+            except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt from the index
+                pass
+        index = cls._decode(storage, name)
+        if path is None:
+            return index
+        try:
+            from data_prep.storage import write_atomically
+
+            write_atomically(path, index._write_columns)
+            return cls._mapped(path)
+        except OSError:  # no room or no permission for the cache: the decoded index serves as well
+            return index
+
+    def _write_columns(self, file) -> None:
+        import json
+
+        import pyarrow as pa
+
+        columns = {"key": self.keys, "shard_id": pa.array(self.shard_ids), "start": pa.array(self.starts),
+                   "jpg_size": pa.array(self.jpg_sizes), "json_start": pa.array(self.json_starts),
+                   "length": pa.array(self.lengths), "width": pa.array(self.widths), "height": pa.array(self.heights),
+                   "labels": pa.LargeListArray.from_arrays(pa.array(self.labels.offsets), pa.array(self.labels.values))}
+        table = pa.table(columns).replace_schema_metadata({"shard_names": json.dumps(list(self.shard_names))})
+        with pa.ipc.new_file(file, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, len(self)))
+
+    @classmethod
+    def _mapped(cls, path) -> ShardIndex:
+        """An index whose columns are views of a memory-mapped cache file (no copy)."""
+        import json
+
+        import pyarrow as pa
+
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        names = tuple(json.loads(table.schema.metadata[b"shard_names"]))
+
+        def col(name: str):
+            column = table.column(name)
+            return column.chunk(0) if column.num_chunks else pa.array([], column.type)
+
+        def numbers(name: str) -> np.ndarray:
+            return _view(col(name))
+
+        labels = col("labels")
+        return cls(col("key"), names, numbers("shard_id"), numbers("start"), numbers("jpg_size"),
+                   numbers("json_start"), numbers("length"), numbers("width"), numbers("height"),
+                   LabelSets(_view(labels.values), _view(labels.offsets)))
+
+    @classmethod
+    def _decode(cls, storage, name: str) -> ShardIndex:
+        """The index decoded from its Parquet file (checked: shard names, positions)."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        name = index_name(split)
-        if not storage.exists(name):
-            raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
         source = storage.local_path(name) if hasattr(storage, "local_path") else io.BytesIO(storage.read_bytes(name))
         file = pq.ParquetFile(source, read_dictionary=["shard"])
 
@@ -170,7 +229,7 @@ class ShardIndex:
 
         def numbers(col: str, dtype) -> np.ndarray:
             values = column(col)
-            return np.zeros(0, dtype) if values is None else values.to_numpy().astype(dtype)
+            return np.zeros(0, dtype) if values is None else _view(values).astype(dtype)
 
         shard_column = column("shard")
         if shard_column is None:
@@ -180,7 +239,7 @@ class ShardIndex:
             if not isinstance(shard, str) or not shard or shard != PurePosixPath(shard).name or shard in (".", ".."):
                 raise InputError(f"{storage.uri(name)}: shard name {shard!r} is not a file name inside the "
                                  f"shards' root (an index names its shards as `tsd prep` wrote them)")
-        shard_ids = shard_column.indices.to_numpy().astype(np.int32)
+        shard_ids = _view(shard_column.indices).astype(np.int32)
         shard_column = None
         starts = numbers("jpg_offset", np.int64)
         json_starts = numbers("json_offset", np.int64) - starts
@@ -189,7 +248,7 @@ class ShardIndex:
             raise InputError(f"{storage.uri(name)}: sample positions are not those `tsd prep` writes")
         labels = column("labels")
         label_sets = (LabelSets(np.zeros(0, np.int16), np.zeros(1, np.int64)) if labels is None else
-                      LabelSets(labels.values.to_numpy().copy(), labels.offsets.to_numpy().astype(np.int64)))
+                      LabelSets(_view(labels.values).copy(), _view(labels.offsets).astype(np.int64)))
         labels = None
         keys = column("key")
         index = cls(pa.array([], pa.string()) if keys is None else keys, names, shard_ids, starts,
@@ -198,6 +257,35 @@ class ShardIndex:
         pa.default_memory_pool().release_unused()  # the decoders' buffers go back to the system
         _trim_malloc()  # and numpy's temporaries (glibc keeps freed heap memory otherwise)
         return index
+
+
+def _view(array) -> np.ndarray:
+    """A read-only numpy view of a primitive Arrow array without nulls (no copy; Arrow's own
+    ``to_numpy`` would import pandas, half a second, in every process)."""
+    dtype = _NUMPY[str(array.type)]
+    if len(array) == 0:
+        return np.zeros(0, dtype)
+    if array.null_count:
+        raise InputError(f"index column of type {array.type} has {array.null_count} missing values")
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
+_NUMPY = {name: np.dtype(name) for name in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                                            "uint64")}
+
+
+def _cache_path(storage, name: str):
+    """The node-local cache file of an index, named by its address, size and (local files) mtime,
+    so that a re-made index is never read from a stale cache."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    stamp = ""
+    if hasattr(storage, "local_path"):
+        stamp = str(os.stat(storage.local_path(name)).st_mtime_ns)
+    tag = hashlib.sha256(f"{storage.uri(name)}|{storage.size(name)}|{stamp}|columns-v1".encode()).hexdigest()[:20]
+    return Path(os.environ.get("TSD_CACHE") or Path.home() / ".cache" / "tsd") / "index" / f"{tag}.arrow"
 
 
 def _trim_malloc() -> None:

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1"})
 os.environ.pop("AWS_PROFILE", None)
+# Caches (index columns, checkpoint and weights copies) in a directory of the test session, not in ~/.cache
+os.environ.setdefault("TSD_CACHE", tempfile.mkdtemp(prefix="tsd-test-cache-"))
 
 
 def jpeg_bytes(width: int = 32, height: int = 24, mode: str = "RGB", color=(200, 30, 30), exif=None,

@@ -39,6 +39,29 @@ def test_written_and_read_back_with_one_schema(tmp_path):
     assert part.shard(0) == "train-000001.tar" and part.starts.tolist() == [10**10 + 1536, 1536]
 
 
+def test_the_node_local_cache_is_mapped_rebuilt_when_stale_and_survives_damage(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("TSD_CACHE", str(tmp_path / "cache"))
+    out = open_storage(str(tmp_path / "shards"))
+    write_index_table(out, "train", index_table([(0, "train-000000.tar", _columns(["a", "b"], [[3], [4, 5]]))]))
+    first = ShardIndex.load(out, "train")
+    (cached,) = (tmp_path / "cache" / "index").glob("*.arrow")
+    again = ShardIndex.load(out, "train")
+    assert again.key_list() == ["a", "b"] and [again.labels[i].tolist() for i in range(2)] == [[3], [4, 5]]
+    assert not again.starts.flags.writeable  # a view of the mapped file, not a copy
+    np.testing.assert_array_equal(again.starts, first.starts)
+    write_index_table(out, "train", index_table([(0, "train-000000.tar", _columns(["c"], [[9]]))]))  # re-made
+    os.utime(tmp_path / "shards" / index_name("train"), ns=(1, 1))
+    assert ShardIndex.load(out, "train").key_list() == ["c"]  # never the stale cache
+    cached.write_bytes(b"garbage")
+    os.utime(tmp_path / "shards" / index_name("train"), ns=(2, 2))
+    for path in (tmp_path / "cache" / "index").glob("*.arrow"):
+        path.write_bytes(b"garbage")
+    assert ShardIndex.load(out, "train").key_list() == ["c"]  # a damaged cache is rebuilt
+    assert ShardIndex.load(out, "train", cache=False).key_list() == ["c"]
+
+
 def test_positions_that_prep_cannot_write_are_refused(tmp_path):
     cols = _columns(["a"], [[1]])
     cols["json_offset"] = [10]  # before the jpg data

@@ -157,6 +157,7 @@ def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path,
     from pipeline.checkpoint import checkpoint_iteration
     from pipeline.evaluate import run_evaluation
 
+    cache_before = os.environ.get("TSD_CACHE")
     os.environ["TSD_CACHE"] = str(tmp_path / "cache")
     try:
         assert checkpoint_iteration(f"s3://{s3_bucket}/runs/killed", s3_server) == 24
@@ -166,7 +167,10 @@ def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path,
         with pytest.raises(InputError, match="no checkpoint found"):
             checkpoint_iteration(f"s3://{s3_bucket}/runs/nothing-here", s3_server)
     finally:
-        del os.environ["TSD_CACHE"]
+        os.environ.pop("TSD_CACHE")
+        if cache_before is not None:
+            os.environ["TSD_CACHE"] = cache_before
+    assert any((tmp_path / "cache" / "checkpoints").rglob(STATE_FILE))  # copied once into the local cache
 
 
 def test_evaluation_every_epoch_during_training(shards, tmp_path):
