@@ -246,6 +246,10 @@ class LocalStorage(Storage):
         return str(path)
 
 
+S3_MAX_ATTEMPTS = 10  # per request, the first included
+S3_MAX_POOL_CONNECTIONS = 32  # at least a loader process's read-ahead
+
+
 class S3Storage(Storage):
     def __init__(self, root: str, endpoint_url: str | None = None) -> None:
         self.root = root.rstrip("/")
@@ -262,8 +266,13 @@ class S3Storage(Storage):
     def client(self):
         if self._client is None:
             import boto3
+            from botocore.config import Config
 
-            self._client = boto3.client("s3", endpoint_url=self.endpoint_url or None)
+            # retries with backoff for S3's throttling (503 SlowDown) and dropped connections, and a
+            # connection pool for the loader's read-ahead threads (botocore's default is 10)
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url or None, config=Config(
+                retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                max_pool_connections=S3_MAX_POOL_CONNECTIONS))
         return self._client
 
     def _key(self, name: str) -> str:

@@ -43,6 +43,9 @@ class LoaderConfig:
     # for the metric). Off: train on the annotated classes, and expand detections at test instead.
     use_expanded_labels: bool = False
     num_workers: int = 2  # DataLoader processes per training worker
+    # S3 shards: range requests in flight per DataLoader process, for its next samples (the sampler
+    # knows them); 0 = one request at a time. bench/bench_s3_latency.py measures it at 25-50 ms.
+    read_ahead: int = 16
     prefetch_factor: int = 2
 
 
@@ -242,20 +245,50 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+BASE_KEY = "_base_"  # mmdetection's name: a config (or a list of them) this one starts from
+DELETE_KEY = "_delete_"  # in a mapping: replace the base's mapping instead of merging into it
+
+
+def merge_configs(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key (unless the child's says ``_delete_: true``),
+    anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and value.get(DELETE_KEY):
+            out[key] = {k: v for k, v in value.items() if k != DELETE_KEY}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_configs(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its ``_base_`` files merged under it (paths relative to the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found" + (f" (a {BASE_KEY} of {chain[-1]})" if chain else ""))
+    if p.resolve() in chain:
+        raise ConfigError(f"{path}: {BASE_KEY} files include each other: "
+                          + " -> ".join(str(c) for c in (*chain, p.resolve())))
+    try:
+        raw = parse_yaml(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    bases = raw.pop(BASE_KEY, [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        merged = merge_configs(merged, read_config_file(p.parent / base, (*chain, p.resolve())))
+    return merge_configs(merged, raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 cls: type[T] = ExperimentConfig) -> T:
-    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = parse_yaml(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    """Read a YAML config (or the defaults when ``path`` is None) with its ``_base_`` files, apply
+    overrides, validate."""
+    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides or []))
     try:
         return from_dict(cls, raw)

@@ -89,7 +89,7 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
     from pipeline.loader import ShardDataset
 
     ds = ShardDataset(cfg.data.shards, split, cfg.model.input.min_size, cfg.model.input.max_size,
-                      cfg.data.s3_endpoint_url)
+                      cfg.data.s3_endpoint_url, read_ahead=cfg.loader.read_ahead)
     if ds.skipped:
         raise InputError(f"{cfg.data.shards}: split '{split}' has missing or truncated shards {ds.skipped}; "
                          f"evaluating without them would change the metric -- re-run `tsd prep`")
@@ -97,8 +97,10 @@ def detect_range(model, cfg: ExperimentConfig, split: str, start: int, stop: int
     expansion = expansion_for(cfg)
     to_data = _to_data_ids(cfg)
     parts = []
-    for lo in range(start, stop, batch_size):
-        items = [ds[(i, False)] for i in range(lo, min(stop, lo + batch_size))]
+    batches = [[(i, False) for i in range(lo, min(stop, lo + batch_size))] for lo in range(start, stop, batch_size)]
+    ds.plan_batches(batches)  # S3 shards: the next images are read while this batch is detected
+    for batch in batches:
+        items = ds.__getitems__(batch)
         outs = _infer(model, [it["image"] for it in items], cfg, device, expansion)
         for it, out in zip(items, outs, strict=True):
             h, w = it["image"].shape[-2:]

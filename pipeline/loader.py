@@ -14,6 +14,7 @@ shards, resampled, for uniform sampling without the index.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from data_prep.errors import InputError
 from data_prep.index import LabelSets, ShardIndex
-from data_prep.storage import open_storage
+from data_prep.storage import is_s3, open_storage
 
 
 def resize_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
@@ -63,8 +64,13 @@ class ShardDataset(Dataset):
 
     def __init__(self, shards_uri: str, split: str, min_size: int, max_size: int,
                  endpoint_url: str | None = None, use_expanded_labels: bool = False,
-                 label_map: np.ndarray | None = None) -> None:
+                 label_map: np.ndarray | None = None, read_ahead: int = 0) -> None:
         self.storage = open_storage(shards_uri, endpoint_url)
+        # S3 answers in tens of ms: keep this many range requests in flight per loader process, for
+        # the samples of this process's next batches (``plan_batches``); local disk reads inline
+        self.read_ahead = read_ahead if is_s3(shards_uri) else 0
+        self._plan: list[list[tuple[int, bool]]] | None = None
+        self._reader: _ReadAhead | None = None
         self.index = ShardIndex.load(self.storage, split)
         self.min_size, self.max_size = min_size, max_size
         self.use_expanded_labels = use_expanded_labels
@@ -91,20 +97,56 @@ class ShardDataset(Dataset):
             return self.index.labels
         return self.index.labels.mapped(self.label_map)
 
-    def read(self, i: int) -> tuple[bytes, dict]:
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_reader"] = None  # threads and futures stay in the process that made them
+        return state
+
+    def plan_batches(self, batches: list[list[tuple[int, bool]]]) -> None:
+        """The batches this rank will ask for, in order (the sampler's plan): the DataLoader hands
+        batch k to worker k mod W, so each worker knows its own next samples and reads them ahead."""
+        self._plan = [list(b) for b in batches]
+        self._reader = None
+
+    def read_blob(self, i: int) -> bytes:
+        """The sample's bytes: one range read covering its .jpg and .json members."""
         ix = self.index
-        shard = ix.shard(i)
-        blob = self.storage.read_range(shard, int(ix.starts[i]), int(ix.lengths[i]))
+        return self.storage.read_range(ix.shard(i), int(ix.starts[i]), int(ix.lengths[i]))
+
+    def _parse(self, i: int, blob: bytes) -> tuple[bytes, dict]:
+        ix = self.index
         jpg = blob[: int(ix.jpg_sizes[i])]
         meta = json.loads(blob[int(ix.json_starts[i]) :])
         if meta.get("image_id") != ix.key(i):
-            raise InputError(f"{self.storage.uri(shard)}: the index does not match the shard at {ix.key(i)}")
+            raise InputError(f"{self.storage.uri(ix.shard(i))}: the index does not match the shard at {ix.key(i)}")
         return jpg, meta
+
+    def read(self, i: int) -> tuple[bytes, dict]:
+        return self._parse(i, self.read_blob(i))
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         i, flip = item
+        return self._sample(i, flip, self.read_blob(i))
+
+    def __getitems__(self, items: list[tuple[int, bool]]) -> list[dict]:
+        """A whole batch (what the DataLoader asks for when the dataset has this method): with
+        read-ahead, its samples come from requests already in flight, and the next ones are sent."""
+        if self.read_ahead <= 0:
+            return [self[item] for item in items]
+        if self._reader is None or self._reader.pid != os.getpid():
+            self._reader = _ReadAhead(self, self._worker_plan())
+        blobs = self._reader.batch(list(items))
+        return [self._sample(i, flip, blob) for (i, flip), blob in zip(items, blobs, strict=True)]
+
+    def _worker_plan(self) -> list[list[tuple[int, bool]]] | None:
+        if self._plan is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        return self._plan[info.id :: info.num_workers] if info is not None else self._plan
+
+    def _sample(self, i: int, flip: bool, blob: bytes) -> dict:
         try:
-            jpg, meta = self.read(i)
+            jpg, meta = self._parse(i, blob)
             image = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (ValueError, RuntimeError) as exc:  # bad JSON or JPEG bytes inside a complete-looking shard
             raise InputError(f"{self.storage.uri(self.index.shard(i))} [{self.index.key(i)}]: damaged sample "
@@ -114,6 +156,43 @@ class ShardDataset(Dataset):
         if flip:
             boxes = flip_boxes(boxes, image.shape[-1])
         return {"image": image, "boxes": boxes, "labels": labels, "index": i, "flip": bool(flip)}
+
+
+class _ReadAhead:
+    """Range requests of one loader process in flight on a thread pool: the current batch's and the
+    next batches' of the process's plan, at most ``read_ahead`` samples (at least one batch)."""
+
+    def __init__(self, dataset: ShardDataset, plan: list[list[tuple[int, bool]]] | None) -> None:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pid = os.getpid()
+        self.dataset, self.plan = dataset, plan
+        self.pool = ThreadPoolExecutor(max_workers=dataset.read_ahead, thread_name_prefix="tsd-read-ahead")
+        self.inflight: deque = deque()  # futures of the samples of plan[cursor:submitted], in order
+        self.cursor = self.submitted = 0
+
+    def _submit(self, batch: list[tuple[int, bool]]) -> None:
+        self.inflight.extend(self.pool.submit(self.dataset.read_blob, i) for i, _ in batch)
+
+    def batch(self, items: list[tuple[int, bool]]) -> list[bytes]:
+        plan = self.plan
+        if plan is None or self.cursor >= len(plan) or plan[self.cursor] != items:  # not the planned batch
+            for future in self.inflight:
+                future.cancel()
+            self.inflight.clear()
+            self.plan = None  # from here on, batch by batch
+            return [f.result() for f in [self.pool.submit(self.dataset.read_blob, i) for i, _ in items]]
+        if self.submitted == self.cursor:
+            self._submit(plan[self.cursor])
+            self.submitted += 1
+        mine = [self.inflight.popleft() for _ in items]
+        self.cursor += 1
+        while (self.submitted < len(plan) and self.submitted <= self.cursor + 64
+               and len(self.inflight) + len(plan[self.submitted]) <= self.dataset.read_ahead):
+            self._submit(plan[self.submitted])
+            self.submitted += 1
+        return [f.result() for f in mine]
 
 
 def training_targets(meta: dict, use_expanded_labels: bool, label_map: np.ndarray | None = None

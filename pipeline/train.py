@@ -165,6 +165,7 @@ def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int,
         return DataLoader(stream, batch_size=per_rank, collate_fn=collate, num_workers=workers,
                           pin_memory=cfg.train.use_gpu, **extra)
     batches = list(sampler.rank_batches(epoch, start))
+    dataset.plan_batches(batches)  # what each loader process will be asked for: read ahead from S3
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                       pin_memory=cfg.train.use_gpu, **extra)
 
@@ -222,7 +223,8 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
 
     # 2. data: the same global batches whatever the number of workers
     dataset = ShardDataset(cfg.data.shards, tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
-                           cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels, label_map(cfg))
+                           cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels, label_map(cfg),
+                           read_ahead=cfg.loader.read_ahead)
     if dataset.skipped and rank == 0:
         print(f"[tsd train] left out {sum(dataset.skipped.values())} samples of missing or truncated shards: "
               f"{dataset.skipped} (re-run `tsd prep` to restore them)", flush=True)
@@ -452,7 +454,6 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     from pipeline.weights_files import check_weights
 
     cfg = resolve_class_selection(cfg)  # an expert's classes, named in the config the run writes
-    model_classes(cfg)  # unknown classes or a wrong num_classes: said before any worker starts
     # workers do not share the driver's working directory: make every local path absolute
     absolute = lambda p: p if is_s3(p) else str(Path(p).resolve())  # noqa: E731
     weights = cfg.model.weights
@@ -464,6 +465,8 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
                                   weights, backbone=weights.backbone and absolute(weights.backbone),
                                   checkpoint=weights.checkpoint and absolute(weights.checkpoint))))
     check_weights(cfg.model, cfg.data.s3_endpoint_url)  # before anything starts: no silent training from random init
+    if cfg.model.classes:
+        model_classes(cfg)  # an expert's unknown classes or a wrong num_classes: said before any worker starts
     tc = cfg.train
     name = tc.run_name or cfg.name
     shards = open_storage(cfg.data.shards, cfg.data.s3_endpoint_url)

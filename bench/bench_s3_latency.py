@@ -1,0 +1,138 @@
+"""Benchmark: the training loader reading its shards from S3 at the latency of the real thing.
+
+Shards N photo-like 1024x768 JPEGs (``tsd prep``), copies the shards into a moto S3 server (its
+own process on 127.0.0.1), and puts ``latency_proxy.py`` (its own process) in front of it to add
+a fixed delay to every request. Then measures the loader of one training rank as ``tsd train``
+builds it (``make_loader``: 2 DataLoader workers, the class-aware plan, batches of 2) in images per
+second over the whole split, side by side in one run:
+
+- the same shards on local disk;
+- S3 at 0, 25 and 50 ms per request, with the loader's read-ahead (``loader.read_ahead`` range
+  requests in flight per worker) and without it (one synchronous request per sample, as before).
+
+    python bench/bench_s3_latency.py [--images 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def rate(cfg, shards: str, endpoint: str | None) -> float:
+    """Images per second of one rank's loader over one epoch of the split."""
+    from pipeline.loader import ShardDataset
+    from pipeline.sampler import GlobalBatchSampler, SamplerSpec
+    from pipeline.train import make_loader
+
+    ds = ShardDataset(shards, "train", cfg.model.input.min_size, cfg.model.input.max_size, endpoint,
+                      read_ahead=cfg.loader.read_ahead)
+    ipe = len(ds) // 2
+    sampler = GlobalBatchSampler(ds.sample_labels, ds.index.widths >= ds.index.heights, 12, 2, 1, 0, 0, ipe,
+                                 SamplerSpec(mode="class_aware"))
+    loader = make_loader(cfg, ds, sampler, 0, 0, 0, 1)
+    t0 = None
+    images = 0
+    for k, batch in enumerate(loader):
+        if k == 2:  # the workers have started and warmed up: time from here
+            t0, images = time.perf_counter(), 0
+        images += len(batch["sizes"])
+    return images / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--latencies", default="0,25,50")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "s3_latency.json"))
+    args = parser.parse_args()
+    import boto3
+    from bench_shard import make_dataset
+
+    from data_prep.prep import run_prep
+    from pipeline.config import load_config
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+    procs = []
+    try:
+        make_dataset(work / "data", args.images)
+        base = [f"data.root={work / 'data'}", f"data.shards={work / 'shards'}", "prep.splits=[train]",
+                "prep.shard_size_mb=20", "data.splits.train.labels=null", "loader.num_workers=2",
+                "model.input.min_size=800", "model.input.max_size=1333"]
+        cfg = load_config(REPO / "configs" / "tiny.yaml", base)
+        run_prep(cfg.data, cfg.prep, progress=False)
+        s3_port = _free_port()
+        procs.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_port(s3_port)
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}")
+        client.create_bucket(Bucket="bench")
+        for f in sorted((work / "shards").iterdir()):
+            if f.is_file():
+                client.upload_file(str(f), "bench", f"shards/{f.name}")
+        rows = []
+        for read_ahead in (0, 16):
+            local = load_config(REPO / "configs" / "tiny.yaml", [*base, f"loader.read_ahead={read_ahead}"])
+            if read_ahead:
+                rows.append({"storage": "local disk", "read_ahead": "-",
+                             "images_per_s": round(rate(local, str(work / "shards"), None), 1)})
+                print(json.dumps(rows[-1]), flush=True)
+            for ms in [float(x) for x in args.latencies.split(",")]:
+                proxy = subprocess.Popen([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
+                                          str(s3_port), "--latency-ms", str(ms)], stdout=subprocess.PIPE, text=True)
+                port = int(proxy.stdout.readline())
+                try:
+                    value = rate(local, "s3://bench/shards", f"http://127.0.0.1:{port}")
+                finally:
+                    proxy.terminate()
+                    proxy.wait()
+                rows.append({"storage": f"S3 (moto) + {ms:g} ms per request", "read_ahead": read_ahead,
+                             "images_per_s": round(value, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+        local_rate = next(r["images_per_s"] for r in rows if r["storage"] == "local disk")
+        for r in rows:
+            r["vs_local_disk"] = round(r["images_per_s"] / local_rate, 3)
+        result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": args.images,
+                  "loader_workers": 2, "batch": 2, "image": "1024x768 JPEG, resized to 800 shorter side", "rows": rows}
+        print(json.dumps(result, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    finally:
+        for p in procs:
+            p.terminate()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
