@@ -58,3 +58,33 @@ def test_every_number_a_user_writes_loads(text, value, tmp_path):
     assert load_config(path).train.weight_decay == value
     assert load_config(None, [f"train.base_lr_per_image={text}"]).train.base_lr_per_image == value
     assert load_config(None, [f"name={text}x"]).name == f"{text}x"  # not a number: still a string
+
+
+def test_base_files_merge_under_the_config_and_can_be_replaced_or_chained(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "data.yaml").write_text(
+        "name: base\ndata: {root: /data/oid, shards: s3://b/shards, splits: {train: {boxes: t.csv, images: train}}}\n"
+        "prep: {seed: 3, splits: [train]}\n")
+    (tmp_path / "common" / "model.yaml").write_text("_base_: data.yaml\nmodel: {num_classes: 7, roi: {head: sibling}}\n")
+    (tmp_path / "exp.yaml").write_text(
+        "_base_: [common/model.yaml]\nname: exp\ndata: {shards: /local/shards}\n"
+        "model: {roi: {representation_size: 64}}\nprep: {_delete_: true, seed: 9}\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["model.num_classes=9"])
+    assert cfg.name == "exp" and cfg.data.root == "/data/oid" and cfg.data.shards == "/local/shards"
+    assert cfg.data.splits["train"].boxes == "t.csv"  # merged key by key, through two levels of bases
+    assert (cfg.model.roi.head, cfg.model.roi.representation_size, cfg.model.num_classes) == ("sibling", 64, 9)
+    assert cfg.prep.seed == 9 and cfg.prep.splits == ["train", "validation"]  # _delete_: the base's prep dropped
+    (tmp_path / "loop_a.yaml").write_text("_base_: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("_base_: loop_a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "loop_a.yaml")
+    (tmp_path / "missing.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml: config file not found \(a _base_ of"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_the_paper_oid_configs_share_one_data_config():
+    shared = load_config(Path(__file__).parents[1] / "configs" / "oid_challenge_data.yaml")
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*_oid.yaml")):
+        assert "_base_: oid_challenge_data.yaml" in path.read_text(), path
+        assert load_config(path).data == shared.data and load_config(path).prep == shared.prep
