@@ -79,6 +79,12 @@ def read_predictions(path: str, inputs: ScoringInputs, endpoint_url: str | None 
     """Read a TF-evaluator CSV or a Kaggle submission CSV (detected from the header)."""
     raw = read_source(path, endpoint_url)
     header = [c.strip() for c in next(csv.reader([raw[: raw.find(b"\n")].decode("utf-8-sig")]), [])]
+    if b'"' in raw:  # the validator's rule (pipeline.submission): no line break inside a quoted field
+        from pipeline.submission import QUOTED_LINE_BREAK, quoted_line_break
+
+        line = quoted_line_break(raw.decode("utf-8-sig", errors="replace"))
+        if line is not None:
+            raise InputError(f"{path}:{line}: {QUOTED_LINE_BREAK}")
     mids = list(inputs.labels.mids)
     try:
         if set(TF_COLUMNS) <= set(header):

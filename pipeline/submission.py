@@ -18,6 +18,21 @@ import numpy as np
 from data_prep.errors import InputError
 
 HEADER = ["ImageId", "PredictionString"]
+QUOTED_LINE_BREAK = "a line break inside a quoted field (a PredictionString is one line)"
+
+
+def quoted_line_break(text: str) -> int | None:
+    """The file line where the first row with a line break inside a quoted field starts, or None.
+    One rule for the validator and the scorer (whose fast CSV reader splits rows at every line break)."""
+    if '"' not in text:
+        return None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    for row in reader:
+        if any("\n" in field or "\r" in field for field in row):
+            return start
+        start = reader.line_num + 1
+    return None
 
 
 def _num(v: float, digits: int) -> str:
@@ -86,7 +101,7 @@ def check_submission(path: str | Path, known_mids: set[str] | None = None, expec
         errors.append(f"{path}:{line}: {text}")
 
     try:
-        handle = open(path, newline="", encoding="utf-8")
+        handle = open(path, newline="", encoding="utf-8-sig")  # a BOM (what Excel writes) is not data
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     with handle:
@@ -94,9 +109,14 @@ def check_submission(path: str | Path, known_mids: set[str] | None = None, expec
         header = next(reader, None)
         if header != HEADER:
             raise InputError(f"{path}:1: header must be {','.join(HEADER)}, got {header}")
-        for line, row in enumerate(reader, start=2):
+        next_line = reader.line_num + 1
+        for row in reader:
+            line, next_line = next_line, reader.line_num + 1  # the file line the row starts on
             if len(errors) >= max_errors:
                 break
+            if any("\n" in field or "\r" in field for field in row):
+                bad(line, QUOTED_LINE_BREAK)
+                continue
             if len(row) != 2:
                 bad(line, f"expected 2 fields, got {len(row)}")
                 continue

@@ -207,3 +207,27 @@ def test_dropped_ground_truth_rows_are_reported(dataset, tmp_path, capsys):
     data = score_files(**{**files, "boxes_csv": str(bad)}, predictions=str(preds))
     assert sum(data["ground_truth_rejects"]["counts"].values()) == 2
     assert {r["line"] for r in data["ground_truth_rejects"]["records"]} == {2, len(boxes) + 1}
+
+
+def test_one_rule_for_a_bom_and_quoted_line_breaks_in_the_validator_and_the_scorer(dataset, tmp_path):
+    """A UTF-8 BOM (what Excel writes) is accepted by both; a line break inside a quoted field is
+    rejected by both, naming the line it starts on (a PredictionString is one line)."""
+    root, files = dataset
+    inputs = load_ground_truth(**files)
+    ids, mids = inputs.images.ids, inputs.labels.mids
+    rows = [(image_id, f"{mids[0]} 0.9 0.1 0.1 0.5 0.5") for image_id in ids]
+    plain = tmp_path / "plain.csv"
+    write_submission(plain, rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert check_submission(bom, set(mids), set(ids)) == check_submission(plain, set(mids), set(ids))
+    assert score_files(**files, predictions=str(bom))["mAP"] == score_files(**files, predictions=str(plain))["mAP"]
+    lines = plain.read_text().splitlines()
+    image_id = lines[3].split(",")[0]
+    lines[3] = f'{image_id},"{mids[0]} 0.9 0.1 0.1\n0.5 0.5"'
+    broken = tmp_path / "broken.csv"
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"broken.csv:4: a line break inside a quoted field"):
+        check_submission(broken, set(mids))
+    with pytest.raises(InputError, match=r"broken.csv:4: a line break inside a quoted field"):
+        score_files(**files, predictions=str(broken))
