@@ -275,14 +275,27 @@ def streaming_dataset(shards_uri: str, split: str, min_size: int, max_size: int,
     if not names:
         raise InputError(f"{shards_uri}: no shards for split '{split}'")
     urls = [storage.uri(n) for n in names]
-    rng = random.Random(seed)
+    rngs: dict[int, random.Random] = {}
+
+    def flip_rng() -> random.Random:
+        """One generator per DataLoader process, seeded by (seed, worker): forked workers would
+        otherwise all draw the same flips from a copy of one generator."""
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        if worker not in rngs:
+            rngs[worker] = random.Random(f"{seed}/{worker}")
+        return rngs[worker]
 
     def to_sample(sample: dict) -> dict:
         meta = json.loads(sample["json"])
-        image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as exc:  # damaged bytes: say which shard and sample
+            raise InputError(f"{sample.get('__url__', '?')} [{sample.get('__key__', '?')}]: damaged sample "
+                             f"({type(exc).__name__}: {str(exc)[:120]}); re-run `tsd prep` for this split") from None
         boxes, labels = training_targets(meta, use_expanded_labels, label_map)
         image, boxes = shrink_to_input(image, boxes, min_size, max_size)
-        flip = rng.random() < flip_prob
+        flip = flip_rng().random() < flip_prob
         if flip:
             boxes = flip_boxes(boxes, image.shape[-1])
         return {"image": image, "boxes": boxes, "labels": labels, "index": -1, "flip": flip}

@@ -366,3 +366,20 @@ def test_replanning_to_fewer_shards_removes_the_stale_ones_and_readers_never_see
             tar.addfile(info, io.BytesIO(data))
     samples = list(streaming_dataset(str(out), "train", 160, 224, epoch_samples=80, seed=0))
     assert len(samples) == 80
+
+
+def test_streaming_loader_workers_draw_their_own_flips(synth, tmp_path):
+    """Each DataLoader process of the streaming mode has its own generator (seed, worker): copies of
+    one generator in forked workers drew the same flip sequence in every worker."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.loader import streaming_dataset
+
+    out = tmp_path / "shards"
+    _prep(synth, out, "prep.splits=[train]")
+    stream = streaming_dataset(str(out), "train", 160, 224, epoch_samples=40, seed=0)
+    samples = list(DataLoader(stream, batch_size=None, num_workers=2))
+    assert len(samples) == 80  # 40 per worker
+    flips = [bool(s["flip"]) for s in samples]  # in order: worker 0, worker 1, worker 0, ...
+    assert flips[0::2] != flips[1::2]
+    assert 0.2 < sum(flips) / len(flips) < 0.8
