@@ -59,6 +59,11 @@ class TrainConfig:
     local_dir: str = "runs"  # TensorBoard events and worker status files, written on each rank's node...
     sync_every_s: float = 60.0  # ...and copied into storage_path/<run>/ this often (and at checkpoints)
     num_workers: int = 1  # Ray Train workers (DDP ranks)
+    # elastic: go on with as few as this many workers when nodes go away (and grow back to num_workers);
+    # the global batch and the lr stay those of num_workers (pipeline.train.batch_plan)
+    min_workers: int | None = None
+    elastic_resize_interval_s: float = 60.0  # how often a shrunk run checks for room to grow back
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # SPREAD: over nodes
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     images_per_worker: int = 2

@@ -146,6 +146,28 @@ def label_map(cfg: ExperimentConfig) -> np.ndarray | None:
     return model_classes(cfg).data_to_model()
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int  # images per optimizer step, over all workers
+    images_per_rank: int
+    micro_batches: int  # forward/backward passes per step on each worker
+
+
+def batch_plan(tc, world: int) -> BatchPlan:
+    """How a step is cut for ``world`` workers. The rule for an elastic run (``train.min_workers``):
+    the global batch is always that of the configured ``train.num_workers`` (``images_per_worker`` x
+    ``grad_accumulation`` x ``num_workers``), so the learning rate, the iterations per epoch and
+    the sampler's global batches (the same images in the same steps) do not change when workers
+    come or go; fewer workers each take more images, in more micro-batches of ``images_per_worker``."""
+    global_batch = tc.images_per_worker * tc.grad_accumulation * tc.num_workers
+    if world < 1 or global_batch % world:
+        raise ConfigError(f"train: a global batch of {global_batch} images cannot be split over {world} workers; "
+                          f"choose train.min_workers so that every possible world size divides it")
+    per_rank = global_batch // world
+    micro = per_rank // tc.images_per_worker if per_rank % tc.images_per_worker == 0 else tc.grad_accumulation
+    return BatchPlan(global_batch, per_rank, micro)
+
+
 def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int):
     """The DataLoader of one rank for one epoch from ``start``: the sampler's batches in index mode, or
     webdataset streaming; the same for `tsd train` and `bench/`."""
@@ -157,7 +179,7 @@ def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int,
     workers = lc.num_workers
     extra = {"prefetch_factor": lc.prefetch_factor} if workers > 0 else {}
     if lc.mode == "streaming":
-        per_rank = cfg.train.images_per_worker * cfg.train.grad_accumulation
+        per_rank = sampler.b  # images per rank and step (pipeline.train.batch_plan)
         stream = streaming_dataset(cfg.data.shards, cfg.train.split, cfg.model.input.min_size,
                                    cfg.model.input.max_size, (sampler.iterations_per_epoch - start) * per_rank,
                                    seed=cfg.train.seed + 1000 * epoch + rank, flip_prob=lc.flip_prob,
@@ -228,8 +250,12 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     if dataset.skipped and rank == 0:
         print(f"[tsd train] left out {sum(dataset.skipped.values())} samples of missing or truncated shards: "
               f"{dataset.skipped} (re-run `tsd prep` to restore them)", flush=True)
-    per_rank = tc.images_per_worker * tc.grad_accumulation
-    global_batch = per_rank * world
+    plan = batch_plan(tc, world)
+    per_rank, global_batch = plan.images_per_rank, plan.global_batch
+    if rank == 0 and world != tc.num_workers:
+        print(f"[tsd train] {world} of {tc.num_workers} workers: the global batch stays {global_batch} images "
+              f"({per_rank} per worker in {plan.micro_batches} micro-batches), and the learning rate with it",
+              flush=True)
     ipe = tc.iterations_per_epoch or max(1, math.ceil(len(dataset) / global_batch))
     max_iterations = tc.max_iterations or tc.epochs * ipe
     landscape = dataset.index.widths >= dataset.index.heights
@@ -281,6 +307,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
                 torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "iteration": iteration,
                             "epoch": iteration // ipe, "nonfinite_skipped": skipped_total, "restarts": restarts,
+                            "world_size": world,
                             "sampler": {"seed": tc.seed, "mode": cfg.loader.sampler, "iterations_per_epoch": ipe,
                                         "global_batch": global_batch}},
                            Path(d) / STATE_FILE)
@@ -305,7 +332,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, targets = unpack(batch, device)
-            step = train_step(model, optimizer, scaler, images, targets, tc.grad_accumulation, amp_dtype,
+            step = train_step(model, optimizer, scaler, images, targets, plan.micro_batches, amp_dtype,
                               tc.grad_clip_norm)
             loss_sums, grad_norm = step.losses, step.grad_norm
             if step.finite:
@@ -470,10 +497,15 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     tc = cfg.train
     name = tc.run_name or cfg.name
     shards = open_storage(cfg.data.shards, cfg.data.s3_endpoint_url)
-    if not shards.exists(index_name(tc.split)):  # a user error: say it before any worker starts
-        raise ConfigError(f"{shards.uri(index_name(tc.split))}: no index for split '{tc.split}' (run `tsd prep`)")
     if tc.images_per_worker < 1 or tc.num_workers < 1 or tc.grad_accumulation < 1:
         raise ConfigError("train.images_per_worker, train.num_workers and train.grad_accumulation must be >= 1")
+    if tc.min_workers is not None:
+        if not 1 <= tc.min_workers <= tc.num_workers:
+            raise ConfigError(f"train.min_workers must be between 1 and train.num_workers ({tc.num_workers})")
+        for world in range(tc.min_workers, tc.num_workers + 1):
+            batch_plan(tc, world)  # every world size the run may shrink to splits the global batch
+    if not shards.exists(index_name(tc.split)):  # a user error: say it before any worker starts
+        raise ConfigError(f"{shards.uri(index_name(tc.split))}: no index for split '{tc.split}' (run `tsd prep`)")
     exists = _run_exists(tc.storage_path, name, cfg.data.s3_endpoint_url)
     if exists and not resume:
         raise ConfigError(f"run '{name}' already exists in {tc.storage_path}: pass --resume to continue it, or "
@@ -488,7 +520,10 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_name": name, "verbose": verbose},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=(tc.min_workers, tc.num_workers) if tc.min_workers is not None else tc.num_workers,
+            use_gpu=tc.use_gpu, resources_per_worker=resources, placement_strategy=tc.placement_strategy,
+            elastic_resize_monitor_interval_s=tc.elastic_resize_interval_s),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
