@@ -46,6 +46,34 @@ def _train_worker_nodes() -> set[str]:
     return {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
 
 
+def test_evaluation_and_submission_spread_over_both_nodes(cluster, tmp_path):
+    """Inference is Ray tasks of one CPU each: on two one-CPU nodes, the two tasks run one on each."""
+    from ray.util.state import list_tasks
+
+    from pipeline.evaluate import run_evaluation, run_submission
+    from tsd_model.build import build_model
+
+    generate(tmp_path / "synth", num_train=0, num_validation=8, seed=7)
+    cfg = tiny_config(tmp_path / "synth", tmp_path / "shards", "prep.splits=[validation]", "train.num_workers=2",
+                      "model.test.score_thresh=0.0")
+    run_prep(cfg.data, cfg.prep, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    torch.save({"model": build_model(cfg.model).state_dict(), "iteration": 1}, checkpoint / "state.pt")
+    data = run_evaluation(cfg, str(checkpoint), "validation", str(tmp_path / "eval"), progress=False)
+    counts = run_submission(cfg, str(checkpoint), str(tmp_path / "synth" / "validation"), str(tmp_path / "s.csv"),
+                            progress=False)
+    assert data["num_images"] == 8 and counts["images"] == 8
+    for name in ("_infer_shard_range", "_infer_files"):
+        nodes: set[str] = set()
+        deadline = time.monotonic() + 30  # the state API hears of finished tasks a moment later
+        while len(nodes) < 2 and time.monotonic() < deadline:
+            tasks = list_tasks(filters=[("func_or_class_name", "=", name), ("state", "=", "FINISHED")])
+            nodes = {t.node_id for t in tasks}
+            time.sleep(0.5)
+        assert len(nodes) == 2, name
+
+
 def test_a_spread_elastic_run_survives_losing_a_node(cluster, tmp_path, s3_server, s3_bucket):
     import ray
 
@@ -63,7 +91,7 @@ def test_a_spread_elastic_run_survives_losing_a_node(cluster, tmp_path, s3_serve
                       f"train.storage_path=s3://{s3_bucket}/runs", f"train.local_dir={tmp_path / 'local'}",
                       "train.run_name=spread", "train.num_workers=2", "train.min_workers=1",
                       "train.placement_strategy=SPREAD", "train.elastic_resize_interval_s=5",
-                      "train.images_per_worker=1", "train.max_iterations=30", "train.checkpoint_every=4",
+                      "train.images_per_worker=1", "train.max_iterations=24", "train.checkpoint_every=4",
                       "train.max_failures=3", "train.image_log_every=0", "train.log_every=1", "loader.num_workers=0")
     result: dict = {}
     failure: list[BaseException] = []
@@ -83,7 +111,7 @@ def test_a_spread_elastic_run_survives_losing_a_node(cluster, tmp_path, s3_serve
     while time.monotonic() < deadline and thread.is_alive():
         if status.exists():
             info = json.loads(status.read_text())
-            if info["iteration"] >= 10 and info["state"] == "running":
+            if info["iteration"] >= 9 and info["state"] == "running":
                 spread_over = _train_worker_nodes()
                 head.remove_node(worker_node)  # the node goes away with its worker
                 removed_at = info["iteration"]
@@ -93,7 +121,7 @@ def test_a_spread_elastic_run_survives_losing_a_node(cluster, tmp_path, s3_serve
     assert not failure, failure
     assert removed_at is not None, "the node must be removed mid-run"
     assert len(spread_over) == 2, "the two workers ran on the two nodes"
-    assert result["metrics"]["iteration"] == 30 and result["metrics"]["restarts"] >= 1
+    assert result["metrics"]["iteration"] == 24 and result["metrics"]["restarts"] >= 1
     final = load_state(result["checkpoint"], s3_server)
     assert final["world_size"] == 1  # finished on the node left...
     assert final["sampler"]["global_batch"] == 2  # ...with the global batch of the configured 2 workers
