@@ -243,6 +243,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             reports[label if label not in reports else f"{label} #{k + 1}"] = data
         plot_ap_vs_iou(out / "ap_vs_iou.png", reports)
         print(f"{out / 'ap_vs_iou.png'}")
+        if all("by_level" in r for r in reports.values()):  # OID reports: AP of leaves, parents, depths
+            from pipeline.visualize import plot_ap_by_level
+
+            plot_ap_by_level(out / "ap_by_level.png", reports)
+            print(f"{out / 'ap_by_level.png'}")
     if args.images:
         if not (args.config and args.checkpoint):
             raise TsdError("--images needs --config and --checkpoint")

@@ -89,7 +89,7 @@ def visualize_demo(cfg, checkpoint: str, images: Path, out: Path, report: str) -
     from PIL import Image
 
     from pipeline.evaluate import load_model_for_inference
-    from pipeline.visualize import draw_tsd, plot_ap_vs_iou, tsd_geometry
+    from pipeline.visualize import draw_tsd, plot_ap_by_level, plot_ap_vs_iou, tsd_geometry
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_model_for_inference(cfg, checkpoint, torch.device("cpu"))
@@ -100,8 +100,10 @@ def visualize_demo(cfg, checkpoint: str, images: Path, out: Path, report: str) -
         drawing = draw_tsd(image, tsd_geometry(model, image), names)
         written.append(out / f"{path.stem}_tsd.png")
         Image.fromarray(drawing.permute(1, 2, 0).numpy()).save(written[-1])
-    plot_ap_vs_iou(out / "ap_vs_iou.png", {"TSD (tiny)": json.loads(Path(report).read_text())})
-    return [*written, out / "ap_vs_iou.png"]
+    data = json.loads(Path(report).read_text())
+    plot_ap_vs_iou(out / "ap_vs_iou.png", {"TSD (tiny)": data})
+    plot_ap_by_level(out / "ap_by_level.png", {"TSD (tiny)": data})
+    return [*written, out / "ap_vs_iou.png", out / "ap_by_level.png"]
 
 
 def print_summary(result: dict) -> None:

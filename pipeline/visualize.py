@@ -116,6 +116,48 @@ def ap_vs_iou_figure(reports: dict[str, dict]):
     return fig
 
 
+def level_groups(report: dict) -> dict[str, tuple[float | None, int]]:
+    """``label -> (mAP, classes)`` of a report: all classes, leaves, parents, each depth."""
+    levels = report.get("by_level") or {}
+    groups = {"all classes": (report.get("mAP"), report.get("num_classes_with_positives", 0))}
+    for key, label in (("leaf", "leaf classes"), ("parent", "parent classes")):
+        if key in levels:
+            groups[label] = (levels[key]["mAP"], levels[key]["classes"])
+    for depth, group in sorted(levels.get("depth", {}).items(), key=lambda kv: int(kv[0])):
+        groups[f"depth {depth}"] = (group["mAP"], group["classes"])
+    return groups
+
+
+def ap_by_level_figure(reports: dict[str, dict]):
+    """mAP@0.5 of all classes, of the leaf and parent classes and per depth of the hierarchy (the
+    report's ``by_level``), grouped bars with one bar per report, each bar with its value; the
+    number of classes of each group under its name."""
+    fig, ax = _figure("mAP@0.5 per level of the class hierarchy (OID metric)",
+                      "class group (number of classes with positives)", "mAP@0.5")
+    per_report = {name: level_groups(r) for name, r in reports.items()}
+    labels = list(dict.fromkeys(label for groups in per_report.values() for label in groups))
+    width = 0.8 / max(1, len(per_report))
+    for k, (name, groups) in enumerate(per_report.items()):
+        xs = [i + (k - (len(per_report) - 1) / 2) * width for i in range(len(labels))]
+        values = [groups.get(label, (None, 0))[0] for label in labels]
+        bars = ax.bar(xs, [v or 0.0 for v in values], width, label=name)
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.3f}" for v in values], fontsize="x-small",
+                     padding=2)
+    first = next(iter(per_report.values()), {})
+    ax.set_xticks(range(len(labels)),
+                  [f"{label}\n({first.get(label, (None, 0))[1]})" for label in labels], fontsize="small")
+    ax.set_ylim(0.0, 1.08)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.grid(False, axis="x")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_ap_by_level(path, reports: dict[str, dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ap_by_level_figure(reports).savefig(path)
+
+
 def plot_ap_vs_iou(path, reports: dict[str, dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     ap_vs_iou_figure(reports).savefig(path)

@@ -90,3 +90,29 @@ def test_charts_have_titles_labelled_axes_values_and_legends(tmp_path, capsys):
     from pipeline.cli import _run_name
 
     assert _run_name(paths[1], json.loads(open(paths[3]).read())) == "run-b"
+
+
+def test_the_per_level_chart_shows_every_level_with_its_values(tmp_path, capsys):
+    from pipeline.visualize import ap_by_level_figure
+
+    by_level = {"leaf": {"mAP": 0.8, "classes": 7}, "parent": {"mAP": 0.9, "classes": 5},
+                "depth": {"1": {"mAP": 0.85, "classes": 2}, "2": {"mAP": None, "classes": 0}}}
+    reports = {"TSD": {"mAP": 0.84, "num_classes_with_positives": 12, "by_level": by_level, "ap_at_iou": {"0.50": 0.84}},
+               "sibling": {"mAP": 0.5, "num_classes_with_positives": 12, "ap_at_iou": {"0.50": 0.5},
+                           "by_level": {**by_level, "parent": {"mAP": 0.0, "classes": 5}}}}
+    ax = ap_by_level_figure(reports).axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["all classes\n(12)", "leaf classes\n(7)", "parent classes\n(5)", "depth 1\n(2)", "depth 2\n(0)"]
+    values = [t.get_text() for t in ax.texts]
+    assert values[:5] == ["0.840", "0.800", "0.900", "0.850", "n/a"] and "0.000" in values[5:]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["TSD", "sibling"] and ax.get_title()
+    paths = []
+    for name, report in reports.items():
+        path = tmp_path / name / "report.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(report))
+        paths += ["--report", str(path)]
+    assert main(["visualize", *paths, "--out", str(tmp_path / "out")]) == 0
+    assert "ap_by_level.png" in capsys.readouterr().out
+    assert Image.open(tmp_path / "out" / "ap_by_level.png").size[0] > 600
+
