@@ -39,6 +39,18 @@ def resolve_checkpoint(checkpoint: str, endpoint_url: str | None = None) -> Path
     return path
 
 
+def write_checkpoint(directory: str | os.PathLike, state: dict, config_text: str) -> None:
+    """Fill a checkpoint directory (Ray Train uploads it): the training state and the run's config."""
+    directory = Path(directory)
+    torch.save(state, directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(config_text)
+
+
+def read_checkpoint(directory: str | os.PathLike) -> dict:
+    """The training state of a checkpoint directory (``torch.load`` with ``weights_only``: no code runs)."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
 def is_remote(checkpoint: str) -> bool:
     return is_s3(checkpoint)
 

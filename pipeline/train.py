@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from data_prep.errors import ConfigError, TsdError
-from pipeline.checkpoint import CONFIG_FILE, STATE_FILE
+from pipeline.checkpoint import CONFIG_FILE, read_checkpoint, write_checkpoint
 from pipeline.config import ExperimentConfig, dump_config, from_dict, to_dict
 from pipeline.files import write_text_atomic
 
@@ -269,7 +269,7 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            state = read_checkpoint(d)
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -304,14 +304,13 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
         ckpt = None
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "iteration": iteration,
-                            "epoch": iteration // ipe, "nonfinite_skipped": skipped_total, "restarts": restarts,
-                            "world_size": world,
-                            "sampler": {"seed": tc.seed, "mode": cfg.loader.sampler, "iterations_per_epoch": ipe,
-                                        "global_batch": global_batch}},
-                           Path(d) / STATE_FILE)
-                (Path(d) / CONFIG_FILE).write_text(dump_config(cfg))
+                write_checkpoint(d, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scaler": scaler.state_dict(), "iteration": iteration,
+                                     "epoch": iteration // ipe, "nonfinite_skipped": skipped_total,
+                                     "restarts": restarts, "world_size": world,
+                                     "sampler": {"seed": tc.seed, "mode": cfg.loader.sampler,
+                                                 "iterations_per_epoch": ipe, "global_batch": global_batch}},
+                                 dump_config(cfg))
                 if writer is not None:
                     writer.flush()
                 ckpt = ray.train.Checkpoint.from_directory(d)
