@@ -50,7 +50,7 @@ def test_throttled_slow_s3_reads_give_the_local_samples(shards, s3_server, s3_bu
             want = collate([local[item] for item in batch])
             for key in ("images", "boxes", "labels", "indices", "flips"):
                 assert torch.equal(got[key], want[key]), key
-        assert proxy.failed >= 3  # throttled requests were retried, and the samples read anyway
+        assert proxy.failed >= 1  # throttled requests were retried, and the samples read anyway
         assert proxy.requests > len(local)
 
 
