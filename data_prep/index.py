@@ -255,7 +255,6 @@ class ShardIndex:
                     numbers("jpg_size", np.int32), json_starts.astype(np.int32), lengths.astype(np.int32),
                     numbers("width", np.int32), numbers("height", np.int32), label_sets)
         pa.default_memory_pool().release_unused()  # the decoders' buffers go back to the system
-        _trim_malloc()  # and numpy's temporaries (glibc keeps freed heap memory otherwise)
         return index
 
 
@@ -286,13 +285,3 @@ def _cache_path(storage, name: str):
         stamp = str(os.stat(storage.local_path(name)).st_mtime_ns)
     tag = hashlib.sha256(f"{storage.uri(name)}|{storage.size(name)}|{stamp}|columns-v1".encode()).hexdigest()[:20]
     return Path(os.environ.get("TSD_CACHE") or Path.home() / ".cache" / "tsd") / "index" / f"{tag}.arrow"
-
-
-def _trim_malloc() -> None:
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
