@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= work
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,3 +31,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+# The exact versions the suite passed with, for the virtualenv, the cluster nodes and the image
+# (Dockerfile): regenerate after changing a dependency in pyproject.toml, run `make test`, commit both.
+constraints: $(STAMP)
+	@{ echo "# Every package of a tested install (make constraints; README: Dependencies). pip install -c"; \
+	   echo "# constraints.txt keeps the virtualenv, the cluster nodes and the image on what CI tested."; \
+	   $(PY) -m pip freeze --exclude-editable --disable-pip-version-check; } > constraints.txt

@@ -4,12 +4,16 @@ complete, and both agree with pyproject.toml and the CLI (versions, install, ent
 from __future__ import annotations
 
 import copy
+import io
 import re
 import shlex
 import tomllib
 
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from pipeline.cli import build_parser
 from tests.conftest import REPO
@@ -22,9 +26,24 @@ def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def _min_ray_version() -> tuple[int, ...]:
-    spec = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("ray"))
-    return tuple(int(x) for x in re.search(r">=\s*([\d.]+)", spec).group(1).split("."))
+def _requirement(name: str) -> Requirement:
+    return next(r for r in map(Requirement, _pyproject()["project"]["dependencies"]) if r.name == name)
+
+
+def _pinned_ray() -> str:
+    """The one Ray version of the project: pyproject.toml pins it exactly."""
+    (spec,) = _requirement("ray").specifier
+    assert spec.operator == "==", "pin Ray: the client and the cluster must run the same version"
+    return spec.version
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
 
 
 def _validate_aws(cfg: dict) -> None:
@@ -50,11 +69,11 @@ def test_aws_config_matches_the_project():
     for node in cfg["available_node_types"].values():
         assert "instance-profile" in node["node_config"]["IamInstanceProfile"]["Arn"]  # S3 through a role
     image = cfg["docker"]["image"]
-    version = tuple(int(x) for x in re.search(r"ray:(\d+\.\d+\.\d+)", image).group(1).split("."))
-    assert version >= _min_ray_version()
+    assert re.search(r"ray:(\d+\.\d+\.\d+)", image).group(1) == _pinned_ray()
     assert "py311" in image and _pyproject()["project"]["requires-python"].startswith(">=3.11")
     mount = next(iter(cfg["file_mounts"]))
-    assert any("pip install" in c and mount in c for c in cfg["setup_commands"])  # installs this checkout
+    # installs this checkout at the tested versions
+    assert any("pip install" in c and f"-c {mount}/constraints.txt" in c and mount in c for c in cfg["setup_commands"])
     assert any("--head" in c and "--dashboard-host" in c for c in cfg["head_start_ray_commands"])
     assert {"data", "runs", "shards", "work", ".venv"} <= set(cfg["rsync_exclude"])  # never synced to the nodes
     ignored = (REPO / ".gitignore").read_text().split()
@@ -66,7 +85,7 @@ def test_kuberay_rayjob_is_complete_and_runs_a_real_command():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     cluster = spec["rayClusterSpec"]
-    assert tuple(int(x) for x in cluster["rayVersion"].split(".")) >= _min_ray_version()
+    assert cluster["rayVersion"] == _pinned_ray()
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     workers = cluster["workerGroupSpecs"]
     assert workers and all(int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0
@@ -75,10 +94,13 @@ def test_kuberay_rayjob_is_complete_and_runs_a_real_command():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "pipeline.cli"]
     args = build_parser().parse_args(argv[3:])  # the entrypoint is a valid tsd command line
-    assert args.command == "train" and (REPO / args.config).is_file()
+    workdir = _dockerfile().structure_workdir()
+    assert args.command == "train" and head["workingDir"] == workdir and args.config.startswith(workdir + "/")
+    config = REPO / args.config.removeprefix(workdir + "/")  # where the image has it (Dockerfile: COPY configs)
+    assert config.is_file() and config.relative_to(REPO).parts[0] in _dockerfile().copied()
     from pipeline.config import load_config
 
-    cfg = load_config(REPO / args.config, args.overrides)  # and its overrides are valid config keys
+    cfg = load_config(config, args.overrides)  # and its overrides are valid config keys
     total_gpus = sum(int(w["replicas"]) * int(w["template"]["spec"]["containers"][0]["resources"]["limits"]
                                              ["nvidia.com/gpu"]) for w in workers)
     assert cfg.train.use_gpu and cfg.train.num_workers == total_gpus
@@ -113,3 +135,61 @@ def test_preflight_names_the_placeholders_and_writes_a_private_token(tmp_path, m
     assert preflight.main([str(AWS)]) == 2
     err = capsys.readouterr().err
     assert "ImageId" in err and "no token" in err
+
+
+class _Dockerfile(DockerfileParser):
+    def structure_workdir(self) -> str:
+        (workdir,) = [i["value"] for i in self.structure if i["instruction"] == "WORKDIR"]
+        return workdir
+
+    def copied(self) -> set[str]:
+        """The repository paths the image's COPY instructions take (flags such as --chown dropped)."""
+        paths = set()
+        for i in self.structure:
+            if i["instruction"] == "COPY":
+                args = [a for a in shlex.split(i["value"]) if not a.startswith("--")]
+                paths.update(args[:-1])
+        return paths
+
+    def runs(self) -> list[str]:
+        return [i["value"] for i in self.structure if i["instruction"] == "RUN"]
+
+
+def _dockerfile() -> _Dockerfile:
+    return _Dockerfile(fileobj=io.BytesIO((REPO / "Dockerfile").read_bytes()))
+
+
+def test_the_image_is_rays_pinned_image_with_the_project_at_its_tested_versions():
+    dockerfile = _dockerfile()
+    image, tag = dockerfile.baseimage.split(":")
+    assert image == "rayproject/ray" and tag == f"{_pinned_ray()}-py311-gpu"
+    assert _pyproject()["project"]["requires-python"].startswith(">=3.11")
+    copied = dockerfile.copied()
+    packages = {"tsd_model", "data_prep", "pipeline", "cluster"}  # pyproject's packages.find
+    assert set(_pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]) == {f"{p}*" for p in packages}
+    assert packages | {"configs", "pyproject.toml", "constraints.txt"} <= copied
+    assert all((REPO / path).exists() for path in copied)
+    installs = [r for r in dockerfile.runs() if "pip install" in r]
+    assert installs and all("-c constraints.txt" in r for r in installs)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {"data/", "runs/", "shards/", "weights/", "work/", ".venv/", ".git/"} <= set(ignored)
+    job = yaml.safe_load(RAYJOB.read_text())
+    containers = [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    containers += [w["template"]["spec"]["containers"][0] for w in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    assert {c["workingDir"] for c in containers} == {dockerfile.structure_workdir()}
+
+
+def test_constraints_pin_every_dependency_within_pyprojects_ranges():
+    pins = _constraints()
+    project = _pyproject()["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    for requirement in requirements:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"constraints.txt has no pin for {requirement.name} (run make constraints)"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
+        assert any(s.operator in ("==", "<") for s in requirement.specifier), f"{requirement}: no upper bound"
+    assert pins["ray"] == _pinned_ray()
+    import ray
+    import torch
+
+    assert ray.__version__ == pins["ray"] and torch.__version__.split("+")[0] == pins["torch"]  # what ran here
