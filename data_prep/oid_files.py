@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +118,9 @@ class _LineMap:
     """Turns the index of a parsed data row back into its physical 1-based line number."""
 
     skipped: list[int] = field(default_factory=list)  # physical lines dropped by the parser
+    # a row the parser made of several lines: a stray quote opened a value that ran on (the
+    # official files never break a line inside a value); the file is then read again quote-blind
+    swallowed_lines: bool = False
 
     def line(self, data_row: int) -> int:
         line = data_row + 2  # header is line 1
@@ -131,15 +135,26 @@ class _LineMap:
 def _record_invalid(line_map: _LineMap, log: RejectLog, uri: str, line: int | None, expected: int, actual: int,
                     text: str) -> None:
     """Reject a row the parser could not split into the header's columns (and keep its line)."""
+    if "\n" in text or "\r" in text:
+        line_map.swallowed_lines = True
     if line is not None:
         bisect.insort(line_map.skipped, line)
     log.add(Reject(R.MALFORMED_ROW, uri, f"expected {expected} columns, got {actual}: {text[:120]!r}", line=line))
 
 
-def _csv_options(types: dict[str, pa.DataType], on_invalid, column_names: list[str] | None = None):
+def _csv_options(types: dict[str, pa.DataType], on_invalid, header: list[str], has_header_line: bool = True,
+                 quoting: bool = True):
+    """Parser options; the column names are always ``header`` (its quotes removed by ``_header``),
+    and the file's own header line, when this reader's bytes start with it, is skipped.
+
+    The fast path parses quotes as CSV does (a file quoted throughout reads at full speed); the
+    slow path (``quoting=False``) treats a quote as a plain character, so that a stray one costs
+    its own row (``_text_columns``) instead of opening a value that runs on for many lines."""
     return {
-        "read_options": pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False, column_names=column_names),
-        "parse_options": pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
+        "read_options": pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False, column_names=header,
+                                          skip_rows=1 if has_header_line else 0),
+        "parse_options": pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False,
+                                            quote_char='"' if quoting else False),
         "convert_options": pacsv.ConvertOptions(
             column_types=types,
             include_columns=list(types),
@@ -176,11 +191,20 @@ def _open_reader(
 
     stream = open_source(uri, endpoint_url)
     try:
-        return pacsv.open_csv(stream, **_csv_options(types, on_invalid))
+        return pacsv.open_csv(stream, **_csv_options(types, on_invalid, header, quoting=typed))
     except pa.ArrowInvalid as exc:
         if typed:
             raise _SlowPath() from None
-        raise InputError(f"{uri}: cannot read as CSV ({exc})") from None
+        raise _unreadable(uri, exc) from None
+
+
+def _unreadable(uri: str, exc: pa.ArrowInvalid) -> InputError:
+    """The one row the quote-blind reader cannot skip: a wrong number of columns *and* bytes that
+    are not UTF-8 (pyarrow cannot hand such a row to the invalid-row handler). Name its line."""
+    found = re.search(r"Row #(\d+)", str(exc))
+    where = f"{uri}:{found.group(1)}" if found else uri
+    return InputError(f"{where}: cannot read as CSV ({exc}); a row with the wrong number of columns that is "
+                      "also not UTF-8 stops the reader: fix or delete that line")
 
 
 def _parallel_reader(uri: str, header: list[str], types: dict[str, pa.DataType], line_map: _LineMap,
@@ -192,9 +216,11 @@ def _parallel_reader(uri: str, header: list[str], types: dict[str, pa.DataType],
     def open_range(k: int, stream):
         def on_invalid(row) -> str:
             deferred[k].append((row.number, row.expected_columns, row.actual_columns, row.text))
+            if "\n" in row.text or "\r" in row.text:
+                line_map.swallowed_lines = True
             return "skip"
 
-        return pacsv.open_csv(stream, **_csv_options(types, on_invalid, None if k == 0 else header))
+        return pacsv.open_csv(stream, **_csv_options(types, on_invalid, header, has_header_line=k == 0))
 
     yield from parallel_batches(uri, ranges, open_range)
     for k, rows in enumerate(deferred):
@@ -206,7 +232,11 @@ def _parallel_reader(uri: str, header: list[str], types: dict[str, pa.DataType],
 def _header(uri: str, endpoint_url: str | None) -> list[str]:
     with open_source(uri, endpoint_url) as f:
         first = f.readline() if hasattr(f, "readline") else f.read(4096).split(b"\n")[0]
-    return [c.strip().strip('"') for c in first.decode("utf-8-sig").strip().split(",")]
+    try:
+        text = first.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{uri}:1: the header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return [c.strip().strip('"') for c in text.strip().split(",")]
 
 
 def _check_columns(uri: str, header: list[str], required: tuple[str, ...]) -> None:
@@ -331,23 +361,113 @@ def _read_with_fallback(read_once, uri: str, images: ImageCoder, log: RejectLog)
     return result
 
 
-def _iter_batches(reader, uri: str, typed: bool):
+@dataclass
+class _TextFaults:
+    """Per row of a block: the first text column whose cell is not UTF-8 or holds a stray quote."""
+
+    column: np.ndarray  # object [n]: column name, or None
+    problem: np.ndarray  # object [n]: what is wrong with it
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.column != None  # noqa: E711 (elementwise)
+
+    def detail(self, i: int) -> str:
+        return f"{self.problem[i]} in {self.column[i]}"
+
+
+def _text_columns(cols: dict[str, pa.Array], text: tuple[str, ...], typed: bool) -> _TextFaults:
+    """Make every column of a block usable text, in place, and name the cells that are not.
+
+    On the fast path a line break inside a text cell (a stray quote whose value ran on over the
+    following lines) sends the file to the slow path; per-block dictionaries make this check cheap.
+    On the slow path, read quote-blind, every column arrives as bytes: cells
+    that are not UTF-8 become empty and are named, a cell quoted whole (``"img1"``, from a
+    quote-everything writer) loses its quotes, and a quote left in a text column (a stray one:
+    the official files quote nothing) is named. Numbers are checked later by ``_numbers``.
+    """
+    n = len(next(iter(cols.values()))) if cols else 0
+    faults = _TextFaults(np.full(n, None, dtype=object), np.full(n, None, dtype=object))
+    if typed:
+        for name in text:
+            col = cols[name]
+            values = col.dictionary if isinstance(col, pa.DictionaryArray) else col
+            if len(values) and pc.any(pc.match_substring_regex(values, "[\r\n]")).as_py():
+                raise _SlowPath()
+        return faults
+    for name, col in cols.items():
+        not_utf8 = _not_utf8(col)
+        if not_utf8.any():
+            col = pc.if_else(pa.array(not_utf8), pa.scalar(b"", pa.binary()), col)
+            _note(faults, not_utf8, name, "bytes that are not UTF-8")
+        strings = col.cast(pa.string())
+        if pc.any(pc.match_substring(strings, '"')).as_py():
+            trimmed = pc.utf8_trim_whitespace(strings)
+            whole = pc.and_(pc.starts_with(trimmed, '"'), pc.ends_with(trimmed, '"'))
+            whole = pc.and_(whole, pc.greater_equal(pc.utf8_length(trimmed), 2))
+            strings = pc.if_else(whole, pc.utf8_slice_codeunits(trimmed, 1, -1), strings)
+        if name in text:
+            quoted = pc.fill_null(pc.match_substring(strings, '"'), False).to_numpy(zero_copy_only=False)
+            if quoted.any():
+                strings = pc.if_else(pa.array(quoted), pa.scalar("", pa.string()), strings)
+                _note(faults, quoted, name, "a stray quote (\")")
+        cols[name] = strings
+    return faults
+
+
+def _note(faults: _TextFaults, mask: np.ndarray, column: str, problem: str) -> None:
+    new = mask & ~faults.mask
+    faults.column[new] = column
+    faults.problem[new] = problem
+
+
+def _not_utf8(column: pa.Array) -> np.ndarray:
+    """Mask of the cells of a binary column that are not valid UTF-8. Only cells holding a byte
+    >= 0x80 (none in the official files, whose ids and MIDs are ASCII) are decoded in Python."""
+    n = len(column)
+    bad = np.zeros(n, dtype=bool)
+    _, offsets_buf, data_buf = column.buffers()
+    if data_buf is None or n == 0:
+        return bad
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[column.offset : column.offset + n + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    high = np.flatnonzero(data >= 0x80) + offsets[0]
+    if len(high) == 0:
+        return bad
+    for row in np.unique(np.searchsorted(offsets, high, side="right") - 1):
+        value = column[int(row)].as_py()
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            bad[row] = True
+    return bad
+
+
+def _iter_batches(reader, uri: str, typed: bool, line_map: _LineMap):
+    """The reader's batches; on the fast path, a malformed number, bytes that are not UTF-8 or a
+    row made of several lines (a stray quote) send the file to the slow path."""
     try:
-        yield from reader
+        for batch in reader:
+            if typed and line_map.swallowed_lines:
+                raise _SlowPath()
+            yield batch
     except pa.ArrowInvalid as exc:
         if typed:
             raise _SlowPath() from None
-        raise InputError(f"{uri}: cannot parse CSV ({exc})") from None
+        raise _unreadable(uri, exc) from None
+    if typed and line_map.swallowed_lines:
+        raise _SlowPath()
 
 
 def _column_types(columns: tuple[str, ...], numeric: tuple[str, ...], typed: bool,
                   small_ints: tuple[str, ...] = ()) -> dict[str, pa.DataType]:
     """Types of the columns to read (the others are skipped by the parser). On the fast path the
     0/1 flag columns are parsed straight into int8 and the text columns (ImageID, LabelName) into
-    per-block dictionaries, so that the parser threads, not the consumer, find each block's uniques."""
+    per-block dictionaries, so that the parser threads, not the consumer, find each block's uniques.
+    The slow path reads every column as bytes, for ``_text_columns`` to check cell by cell."""
     def kind(c: str) -> pa.DataType:
         if not typed:
-            return pa.string()
+            return pa.binary()  # bytes: the slow path finds the cells that are not UTF-8 itself
         if c in small_ints:
             return pa.int8()
         return pa.float32() if c in numeric else pa.dictionary(pa.int32(), pa.string())
@@ -403,13 +523,14 @@ def _read_boxes_once(
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("img", "lab", "box", "row", "key", *flags_present)}
     rows = 0
     bad_rows: list[tuple[int, str, str, str]] = []  # (data row, reason, image id, detail)
-    for batch in _iter_batches(reader, uri, typed):
+    for batch in _iter_batches(reader, uri, typed, line_map):
         n = batch.num_rows
         cols = {name: batch.column(name) for name in batch.schema.names}
+        text = _text_columns(cols, ("ImageID", "LabelName"), typed)
         img = images.encode(cols["ImageID"])
         lab = _codes_in(cols["LabelName"], mids)
         box = np.empty((n, 4), dtype=np.float32)
-        malformed = _empty_cells(cols["ImageID"])
+        malformed = _empty_cells(cols["ImageID"]) | text.mask
         # CSV order XMin, XMax, YMin, YMax -> project order x1, y1, x2, y2
         for src, dst in zip(coords, (0, 2, 1, 3), strict=True):
             box[:, dst], bad = _numbers(cols[src])
@@ -434,7 +555,9 @@ def _read_boxes_once(
         degenerate = ~malformed & ~outside & ((box[:, 0] >= box[:, 2]) | (box[:, 1] >= box[:, 3]))
         bad_mask = malformed | unknown | outside | degenerate | bad_flag
         for i in np.flatnonzero(bad_mask):
-            if malformed[i]:
+            if text.column[i] is not None:
+                reason, detail = R.MALFORMED_ROW, text.detail(i)
+            elif malformed[i]:
                 reason, detail = R.MALFORMED_ROW, "empty ImageID, or a coordinate/flag that is not a number"
             elif bad_flag[i]:
                 reason, detail = R.BAD_FLAG, f"{bad_flag_name[int(i)]}: a flag is 0, 1 or -1 (unknown)"
@@ -600,15 +723,18 @@ def _read_image_labels_once(
     imgs, labs, poss = [], [], []
     rows = 0
     bad_rows: list[tuple[int, str, str, str]] = []
-    for batch in _iter_batches(reader, uri, typed):
+    for batch in _iter_batches(reader, uri, typed, line_map):
         cols = {name: batch.column(name) for name in batch.schema.names}
+        text = _text_columns(cols, ("ImageID", "LabelName"), typed)
         img = images.encode(cols["ImageID"])
         lab = _codes_in(cols["LabelName"], mids)
         conf, bad = _numbers(cols["Confidence"])
-        bad |= _empty_cells(cols["ImageID"])
+        bad |= _empty_cells(cols["ImageID"]) | text.mask
         unknown = (lab < 0) & ~bad
         for i in np.flatnonzero(bad | unknown):
-            if bad[i]:
+            if text.column[i] is not None:
+                reason, detail = R.MALFORMED_ROW, text.detail(i)
+            elif bad[i]:
                 reason, detail = (
                     R.MALFORMED_ROW,
                     f"empty ImageID or Confidence {cols['Confidence'][i].as_py()!r}",

@@ -67,22 +67,34 @@ def draw_tsd(image: Tensor, geometry: list[dict], names: tuple[str, ...] | None 
              min_side: int = 480) -> Tensor:
     """P in white, P-hat-r in red, the P-hat-c sampling points in green (paper Fig. 5); small
     images are enlarged to ``min_side`` so that the 49 points stay visible."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     pil = Image.fromarray(image.detach().to("cpu", torch.uint8).permute(1, 2, 0).numpy())
     f = max(1.0, min_side / min(pil.size))
     if f > 1:
         pil = pil.resize((round(pil.size[0] * f), round(pil.size[1] * f)), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default(size=max(12, round(min(pil.size) / 32)))
     for g in geometry:
         draw.rectangle((g["P"] * f).tolist(), outline=(255, 255, 255), width=2)
         draw.rectangle((g["P_r"] * f).tolist(), outline=(255, 40, 40), width=2)
         for x, y in (g["P_c_points"] * f).tolist():
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(40, 255, 40))
         label = names[g["label"]] if names else str(g["label"])
-        draw.text((g["P"][0].item() * f + 3, g["P"][1].item() * f + 2), f"{label} {g['score']:.2f}",
-                  fill=(255, 255, 0))
+        _draw_label(draw, f"{label} {g['score']:.2f}", (g["P"] * f).tolist(), font, pil.size)
     return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
+def _draw_label(draw, text: str, box: list[float], font, size: tuple[int, int]) -> None:
+    """The class and score on a dark plate at the box's top-left corner, above the box where
+    there is room and inside it otherwise, shifted to stay in the image: readable on any
+    background, where plain coloured text vanished on bright ones."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    w, h = right - left + 6, bottom - top + 4
+    x = min(max(0.0, box[0]), max(0.0, size[0] - w))
+    y = box[1] - h if box[1] - h >= 0 else min(box[1], max(0.0, size[1] - h))
+    draw.rectangle((x, y, x + w, y + h), fill=(20, 20, 20))
+    draw.text((x + 3 - left, y + 2 - top), text, fill=(255, 230, 0), font=font)
 
 
 def _figure(title: str, x_label: str, y_label: str):

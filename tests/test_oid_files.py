@@ -225,3 +225,78 @@ def test_a_non_number_in_a_later_range_falls_back_to_the_cell_by_cell_path(tmp_p
     table, coder, log = _read(path)
     assert len(table) == 2999 and len(coder) == 3000
     assert [(r.reason, r.line) for r in log.records] == [(R.MALFORMED_ROW, 2501)]
+
+
+def _rows(n: int) -> list[str]:
+    return [f"img{i:02d},xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0" for i in range(n)]
+
+
+@pytest.mark.parametrize("bad, reason, detail", [
+    ('img10,"xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0', None, None),  # in a column prep does not read: costs nothing
+    ('"img10,xclick,/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0', R.MALFORMED_ROW, 'a stray quote (") in ImageID'),
+    ('img10,xclick,"/m/a,1,0.1,0.5,0.2,0.6,0,0,0,0,0', R.MALFORMED_ROW, 'a stray quote (") in LabelName'),
+    ('img10,xclick,/m/a",1,0.1,0.5,0.2,0.6,0,0,0,0,0', R.UNKNOWN_MID, """'/m/a"' is not in the label space"""),
+    ('img10,xclick,/m/a,1,"0.1,0.5,0.2,0.6,0,0,0,0,0', R.MALFORMED_ROW, "not a number"),
+])
+def test_a_stray_quote_costs_its_own_row_only(tmp_path, bad, reason, detail):
+    rows = _rows(40)
+    rows[10] = bad  # line 12
+    table, coder, log = _read(_write(tmp_path, "boxes.csv", "\n".join([TRAIN_HEADER, *rows]) + "\n"))
+    assert table.rows_read == 40
+    if detail is None:
+        assert len(log) == 0 and len(table) == 40
+        return
+    (reject,) = log.records
+    assert reject.line == 12 and reject.reason == reason and detail in reject.detail
+    assert len(table) == 39 and 12 not in table.line.tolist() and table.line.tolist()[-1] == 41
+
+
+def test_a_file_quoted_throughout_reads_as_the_plain_one(tmp_path):
+    rows = _rows(5)
+    quoted = [",".join(f'"{cell}"' for cell in row.split(",")) for row in [TRAIN_HEADER, *rows]]
+    plain, _, _ = _read(_write(tmp_path, "plain.csv", "\n".join([TRAIN_HEADER, *rows]) + "\n"))
+    table, coder, log = _read(_write(tmp_path, "quoted.csv", "\n".join(quoted) + "\n"))
+    assert len(log) == 0 and coder.ids == [f"img{i:02d}" for i in range(5)]
+    np.testing.assert_array_equal(table.boxes, plain.boxes)
+    assert table.label.tolist() == plain.label.tolist()
+
+
+def test_bytes_that_are_not_utf8_cost_their_own_row_only(tmp_path):
+    data = ("\n".join([TRAIN_HEADER, *_rows(40)]) + "\n").encode()
+    data = data.replace(b"img10,", b"img1\xff0,").replace(b"img20,xclick,/m/a", b"img20,xclick,/m/\xc3\xa9")
+    path = tmp_path / "boxes.csv"
+    path.write_bytes(data)
+    table, coder, log = _read(str(path))
+    assert dict(log.counts) == {R.MALFORMED_ROW: 1, R.UNKNOWN_MID: 1}  # valid UTF-8 that is no class: unknown
+    by_line = {r.line: r for r in log.records}
+    assert "not UTF-8 in ImageID" in by_line[12].detail and "'/m/é'" in by_line[22].detail
+    assert len(table) == 38 and "img20" in coder.ids
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow, fast path
+def test_image_label_files_get_the_same_rules(tmp_path):
+    lines = ["ImageID,Source,LabelName,Confidence"] + [f"img{i:02d},verification,/m/b,1" for i in range(20)]
+    lines[5] = 'img04,verification,"/m/b,1'
+    data = ("\n".join(lines) + "\n").encode().replace(b"img09,", b"img\xfe09,")
+    path = tmp_path / "labels.csv"
+    path.write_bytes(data)
+    coder, log = ImageCoder(), RejectLog()
+    table = read_image_labels(str(path), LABELS, coder, log)
+    assert table.rows_read == 20 and len(table.label) == 18
+    assert sorted(r.line for r in log.records) == [6, 11]
+
+
+def test_a_header_that_is_not_utf8_is_refused_naming_line_1(tmp_path):
+    path = tmp_path / "boxes.csv"
+    path.write_bytes(TRAIN_HEADER.replace("Source", "Sour\xffce").encode("latin-1") + b"\n" + _rows(1)[0].encode())
+    with pytest.raises(InputError, match=r"boxes.csv:1: the header is not UTF-8"):
+        _read(str(path))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow, fast path
+def test_a_short_row_that_is_not_utf8_either_is_refused_naming_its_line(tmp_path):
+    data = ("\n".join([TRAIN_HEADER, *_rows(5)]) + "\n").encode() + b"img\xff9,xclick\n"
+    path = tmp_path / "boxes.csv"
+    path.write_bytes(data)
+    with pytest.raises(InputError, match=r"boxes.csv:7: cannot read as CSV .*fix or delete that line"):
+        _read(str(path))

@@ -383,3 +383,26 @@ def test_streaming_loader_workers_draw_their_own_flips(synth, tmp_path):
     flips = [bool(s["flip"]) for s in samples]  # in order: worker 0, worker 1, worker 0, ...
     assert flips[0::2] != flips[1::2]
     assert 0.2 < sum(flips) / len(flips) < 0.8
+
+
+def test_a_stray_quote_or_a_bad_byte_costs_its_own_row_only(synth, tmp_path):
+    """A `"` opening a field of line 12 used to open a quoted value running to the end of the file
+    (prep read 10 rows and wrote the rest of the images as negatives); one byte that is not UTF-8
+    used to refuse the whole file. Each now costs its own row, named with its line."""
+    root = tmp_path / "bad"
+    shutil.copytree(synth, root)
+    box_csv = root / "train-annotations-bbox.csv"
+    lines = box_csv.read_bytes().splitlines()
+    assert len(lines) > 30
+    total_boxes = len(lines) - 1
+    lines[11] = lines[11].replace(b",xclick,", b',"xclick,', 1).replace(b",/m/", b',"/m/', 1)  # line 12
+    lines[20] = lines[20].replace(b",/m/", b",/m/\xff", 1)  # line 21: not UTF-8
+    box_csv.write_bytes(b"\n".join(lines) + b"\n")
+    manifest = _prep(root, tmp_path / "out", "prep.splits=[train]", "prep.expand_labels=false")
+    info = manifest["splits"]["train"]
+    assert info["rejects"]["counts"] == {R.MALFORMED_ROW: 2}
+    by_line = {r["line"]: r["detail"] for r in info["rejects"]["records"]}
+    assert by_line == {12: 'a stray quote (") in LabelName', 21: "bytes that are not UTF-8 in LabelName"}
+    index = pq.read_table(tmp_path / "out" / info["index"])
+    assert info["counts"]["images_written"] == 40
+    assert sum(index.column("num_boxes").to_pylist()) == total_boxes - 2

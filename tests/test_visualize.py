@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -116,3 +117,17 @@ def test_the_per_level_chart_shows_every_level_with_its_values(tmp_path, capsys)
     assert "ap_by_level.png" in capsys.readouterr().out
     assert Image.open(tmp_path / "out" / "ap_by_level.png").size[0] > 600
 
+
+
+@pytest.mark.parametrize("background", [255, 230])
+def test_fig5_labels_sit_on_a_dark_plate_inside_the_image(background):
+    """Plain yellow text vanished on the bright synthetic images; the label now has a dark plate
+    (high contrast whatever the background) and stays in the image for a box at its top edge."""
+    image = torch.full((3, 100, 120), background, dtype=torch.uint8)
+    box = torch.tensor([0.0, 0.0, 60.0, 50.0])  # at the top-left corner: no room above it
+    geometry = [{"P": box, "P_r": box, "P_c_points": torch.zeros(0, 2), "label": 0, "score": 0.87}]
+    drawing = draw_tsd(image, geometry, ("Triangle",), min_side=480).permute(1, 2, 0).int()
+    plate = drawing[4:14, 40:80]  # below the top-left corner, where the label must now be
+    dark = (plate.sum(-1) < 3 * 60).float().mean().item()
+    yellow = ((plate[..., 0] > 200) & (plate[..., 1] > 180) & (plate[..., 2] < 80)).any().item()
+    assert dark > 0.5 and yellow
