@@ -42,6 +42,9 @@ class PrepConfig:
     """How `tsd prep` turns a split into webdataset shards."""
 
     splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    # a smaller first run: these classes (MIDs or display names), their descendants and their ancestors;
+    # every other annotation is dropped and counted (data_prep.class_subset). Empty: all classes.
+    classes: list[str] = field(default_factory=list)
     shard_size_mb: float = 1000.0  # target size of one tar shard
     max_samples_per_shard: int | None = None  # optional cap on samples per shard
     resize_short_side: int | None = None  # None: keep the original JPEG bytes (no re-encode)

@@ -8,13 +8,14 @@ are 0-based here; the detector adds its own background index, the data layer nev
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.errors import InputError
+from data_prep.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,31 @@ class LabelSpace:
     def indices(self, mids: Sequence[str]) -> np.ndarray:
         """Vectorised lookup: an int32 array, -1 where a MID is unknown."""
         return np.fromiter((self._index.get(m, -1) for m in mids), dtype=np.int32, count=len(mids))
+
+    def lookup(self, items: Sequence[str], key: str) -> np.ndarray:
+        """Class indices of classes given by MID or display name, in the order given (a config's
+        class list: ``key`` names it in errors). A name two classes share must be given by MID."""
+        by_name: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            by_name.setdefault(name, []).append(i)
+        ids = []
+        for item in items:
+            if item in self._index:
+                ids.append(self._index[item])
+                continue
+            found = by_name.get(item, [])
+            if len(found) == 1:
+                ids.append(found[0])
+                continue
+            if len(found) > 1:
+                raise ConfigError(f"{key}: display name {item!r} is shared by {len(found)} classes; give its MID "
+                                  f"({', '.join(self.mids[i] for i in found)})")
+            close = difflib.get_close_matches(item, [*self.names, *self.mids], n=1)
+            raise ConfigError(f"{key}: {item!r} is not a MID or display name of the label space"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{key}: a class is listed twice")
+        return np.asarray(ids, dtype=np.int64)
 
     def to_csv_text(self) -> str:
         out = io.StringIO()

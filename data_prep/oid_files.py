@@ -315,6 +315,16 @@ class BoxTable:
     def rows_of(self, code: int) -> slice:
         return rows_of(self.offsets, code)
 
+    def select(self, keep: np.ndarray) -> int:
+        """Keep the rows where ``keep`` is True (in place, grouping kept); returns how many went."""
+        dropped = int(len(keep) - keep.sum())
+        if dropped:
+            self.image_code, self.label, self.boxes = self.image_code[keep], self.label[keep], self.boxes[keep]
+            self.flags = {k: v[keep] for k, v in self.flags.items()}
+            self.line = self.line[keep]
+            self.offsets = _regroup(self.image_code, len(self.offsets) - 1)
+        return dropped
+
 
 @dataclass
 class ImageLabelTable:
@@ -328,6 +338,21 @@ class ImageLabelTable:
 
     def rows_of(self, code: int) -> slice:
         return rows_of(self.offsets, code)
+
+    def select(self, keep: np.ndarray) -> int:
+        """Keep the rows where ``keep`` is True (in place, grouping kept); returns how many went."""
+        dropped = int(len(keep) - keep.sum())
+        if dropped:
+            self.image_code, self.label, self.positive = self.image_code[keep], self.label[keep], self.positive[keep]
+            self.offsets = _regroup(self.image_code, len(self.offsets) - 1)
+        return dropped
+
+
+def _regroup(codes: np.ndarray, num_images: int) -> np.ndarray:
+    """The offsets of rows still grouped by image code after some were removed."""
+    order, offsets = group_offsets(codes, num_images)
+    assert order is None, "rows must stay grouped by image"
+    return offsets
 
 
 def pad_offsets(offsets: np.ndarray, num_images: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from data_prep import rejects as R
+from data_prep.class_subset import ClassSubset, class_subset
 from data_prep.config import DataConfig, PrepConfig
 from data_prep.errors import ConfigError, InputError
 from data_prep.hierarchy import Hierarchy
@@ -111,8 +112,17 @@ def _gather(offsets: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.arange(total, dtype=np.int64) + shift, counts
 
 
-def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpace) -> SplitPlan:
-    """Read and validate one split's files and assign its images to shards (deterministic)."""
+def _annotated(boxes: BoxTable | None, image_labels: ImageLabelTable | None, n: int, prep: PrepConfig) -> np.ndarray:
+    """Images with a usable box, or (when ``prep.keep_images_without_boxes``) an image-level label."""
+    box_count = np.zeros(n, np.int64) if boxes is None else np.diff(boxes.offsets)
+    label_count = np.zeros(n, np.int64) if image_labels is None else np.diff(image_labels.offsets)
+    return (box_count > 0) | ((label_count > 0) & prep.keep_images_without_boxes)
+
+
+def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpace,
+               subset: ClassSubset | None = None) -> SplitPlan:
+    """Read and validate one split's files and assign its images to shards (deterministic);
+    with a class subset (``prep.classes``), only its annotations and the images that keep one."""
     if split not in data.splits:
         raise ConfigError(f"data.splits has no split '{split}' (configured: {sorted(data.splits)})")
     files = data.splits[split]
@@ -140,12 +150,17 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
     for table in (boxes, image_labels):  # both files' offsets over every image of the split
         if table is not None:
             table.offsets = pad_offsets(table.offsets, n)
-    box_count = np.zeros(n, np.int64) if boxes is None else np.diff(boxes.offsets)
-    label_count = np.zeros(n, np.int64) if image_labels is None else np.diff(image_labels.offsets)
+    annotated = _annotated(boxes, image_labels, n, prep)
+    outside = {"box_rows_outside_class_subset": 0, "label_rows_outside_class_subset": 0}
+    if subset is not None:  # prep.classes: drop (and count) what lies outside the subset
+        if boxes is not None:
+            outside["box_rows_outside_class_subset"] = boxes.select(subset.keep[boxes.label])
+        if image_labels is not None:
+            outside["label_rows_outside_class_subset"] = image_labels.select(subset.keep[image_labels.label])
 
     images = open_storage(inputs["images"], ep)
     files_found = list_images(images, log)
-    wanted = (box_count > 0) | ((label_count > 0) & prep.keep_images_without_boxes)
+    wanted = _annotated(boxes, image_labels, n, prep)
     planned: list[int] = []
     for code in np.flatnonzero(wanted):
         image_id = coder.ids[code]
@@ -202,8 +217,10 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
         "box_rows_kept": len(boxes) if boxes else 0,
         "label_rows_read": image_labels.rows_read if image_labels else 0,
         "label_rows_kept": len(image_labels.label) if image_labels else 0,
+        **(outside if subset is not None else {}),
         "images_annotated": int(wanted.sum()),
-        "images_without_usable_annotations": int(n - wanted.sum()),
+        "images_without_usable_annotations": int(n - annotated.sum()),
+        **({"images_outside_class_subset": int(annotated.sum() - wanted.sum())} if subset is not None else {}),
         "image_files_found": len(files_found),
         "image_files_not_annotated": len(set(files_found) - set(coder.ids)),
         "images_planned": len(codes),
@@ -344,6 +361,7 @@ def run_prep(
             f"not in the hierarchy (first: {missing[0]}); fix the files or set prep.expand_labels=false"
         )
     up = hierarchy.ancestor_matrix(labels)
+    subset = class_subset(prep.classes, labels, hierarchy)
     out = open_storage(data.shards, data.s3_endpoint_url)
     leftovers = out.clean_staging()  # temp files / unfinished uploads of a killed run
     out.put_bytes(CLASSES_FILE, labels.to_csv_text().encode())
@@ -363,6 +381,8 @@ def run_prep(
             "classes_file": CLASSES_FILE,
             "hierarchy_file": HIERARCHY_FILE,
             "num_classes": len(labels),
+            # prep.classes: what was asked for and the classes kept (with descendants and ancestors)
+            "class_subset": subset.to_json(labels) if subset is not None else None,
             "prep": asdict(prep),
             "staging_leftovers_removed": leftovers,
         }
@@ -372,7 +392,7 @@ def run_prep(
     try:
         for split in prep.splits:
             t0 = time.perf_counter()
-            plan = plan_split(data, prep, split, labels)
+            plan = plan_split(data, prep, split, labels, subset)
             results = _run_tasks(plan, out, settings, up, prep, progress)
             written = write_index(out, split, results)
             stale = remove_stale_shards(out, split, {r.name for r in results})

@@ -12,7 +12,6 @@ its classes (``Hierarchy.ancestor_matrix`` skips ancestors outside a label space
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 
@@ -51,31 +50,6 @@ class ModelClasses:
         return self.hierarchy.ancestor_matrix(self.model)
 
 
-def _lookup(data: LabelSpace, names: list[str]) -> np.ndarray:
-    """Data ids of classes given by MID or display name, in the order given."""
-    by_name: dict[str, list[int]] = {}
-    for i, name in enumerate(data.names):
-        by_name.setdefault(name, []).append(i)
-    ids = []
-    for item in names:
-        if data.get(item) >= 0:
-            ids.append(data.get(item))
-            continue
-        found = by_name.get(item, [])
-        if len(found) == 1:
-            ids.append(found[0])
-            continue
-        if len(found) > 1:
-            raise ConfigError(f"model.classes: display name {item!r} is shared by {len(found)} classes; give its MID "
-                              f"({', '.join(data.mids[i] for i in found)})")
-        close = difflib.get_close_matches(item, [*data.names, *data.mids], n=1)
-        raise ConfigError(f"model.classes: {item!r} is not a MID or display name of the label space"
-                          + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if len(set(ids)) != len(ids):
-        raise ConfigError("model.classes: a class is listed twice")
-    return np.asarray(ids, dtype=np.int64)
-
-
 def band_classes(class_stats: list[dict], lo: float, hi: float) -> list[str]:
     """The MIDs whose rank by training boxes (rarest first; ties by label index) lies in
     ``[lo, hi)`` of the label space, from a prep manifest's ``splits.<train>.classes`` list."""
@@ -89,26 +63,45 @@ def band_classes(class_stats: list[dict], lo: float, hi: float) -> list[str]:
     return [c["mid"] for c in sorted(picked, key=lambda c: c["index"])]
 
 
-def resolve_class_selection(cfg):
-    """The config with ``model.classes_band`` resolved into ``model.classes`` (from the prep
-    manifest of the training split) and ``model.num_classes`` set to the selection's size; a
-    config without a selection comes back unchanged. Runs write the resolved config, so a
-    checkpoint's ``config.yaml`` names its classes explicitly."""
+def _manifest_uri(cfg) -> str:
     from data_prep.prep import MANIFEST_FILE
     from data_prep.storage import open_storage
 
+    return open_storage(cfg.data.shards, cfg.data.s3_endpoint_url).uri(MANIFEST_FILE)
+
+
+def _manifest(cfg) -> dict | None:
+    """The prep manifest of the config's shards; None before `tsd prep` has written them."""
+    from data_prep.prep import MANIFEST_FILE
+    from data_prep.storage import open_storage
+
+    shards = open_storage(cfg.data.shards, cfg.data.s3_endpoint_url)
+    return json.loads(shards.read_bytes(MANIFEST_FILE)) if shards.exists(MANIFEST_FILE) else None
+
+
+def resolve_class_selection(cfg, subset_of_the_shards: bool = False):
+    """The config with ``model.classes_band`` resolved into ``model.classes`` (from the prep
+    manifest of the training split) and ``model.num_classes`` set to the selection's size. With
+    no selection and ``subset_of_the_shards`` (``tsd train``), shards prepared for a class subset
+    (``prep.classes``) give their kept classes. Evaluation takes a model's classes from its
+    checkpoint's config, never from the shards it is evaluated on. Runs write the resolved config, so a
+    checkpoint's ``config.yaml`` names its classes explicitly."""
+
     model = cfg.model
     classes = list(model.classes)
+    if subset_of_the_shards and not classes and model.classes_band is None:  # shards of prep.classes
+        manifest = _manifest(cfg)
+        classes = list((manifest.get("class_subset") or {}).get("classes", [])) if manifest else []
     if model.classes_band is not None:
         if classes:
             raise ConfigError("model.classes and model.classes_band: give one of them")
         if len(model.classes_band) != 2:
             raise ConfigError("model.classes_band: give [lo, hi], e.g. [0.0, 0.2] for the rarest 20 %")
-        shards = open_storage(cfg.data.shards, cfg.data.s3_endpoint_url)
-        if not shards.exists(MANIFEST_FILE):
-            raise ConfigError(f"model.classes_band: {shards.uri(MANIFEST_FILE)} is missing (run `tsd prep`)")
+        manifest = _manifest(cfg)
+        if manifest is None:
+            raise ConfigError(f"model.classes_band: {_manifest_uri(cfg)} is missing (run `tsd prep`)")
         split = cfg.train.split
-        stats = json.loads(shards.read_bytes(MANIFEST_FILE)).get("splits", {}).get(split, {}).get("classes")
+        stats = manifest.get("splits", {}).get(split, {}).get("classes")
         if not stats:
             raise ConfigError(f"model.classes_band: the prep manifest has no class statistics for split '{split}'")
         classes = band_classes(stats, *model.classes_band)
@@ -128,7 +121,7 @@ def model_classes(cfg) -> ModelClasses:
                           "(or model.classes) here")
     if not cfg.model.classes:
         return ModelClasses(data, hierarchy, data, np.arange(len(data), dtype=np.int64))
-    ids = _lookup(data, list(cfg.model.classes))
+    ids = data.lookup(list(cfg.model.classes), "model.classes")
     if cfg.model.num_classes != len(ids):
         raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but model.classes lists {len(ids)}")
     model = LabelSpace(tuple(data.mids[i] for i in ids), tuple(data.names[i] for i in ids))

@@ -479,7 +479,8 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, resume: bool
     from pipeline.classes import model_classes, resolve_class_selection
     from pipeline.weights_files import check_weights
 
-    cfg = resolve_class_selection(cfg)  # an expert's classes, named in the config the run writes
+    # an expert's classes (or those of class-subset shards), named in the config the run writes
+    cfg = resolve_class_selection(cfg, subset_of_the_shards=True)
     # workers do not share the driver's working directory: make every local path absolute
     absolute = lambda p: p if is_s3(p) else str(Path(p).resolve())  # noqa: E731
     weights = cfg.model.weights

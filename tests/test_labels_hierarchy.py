@@ -118,3 +118,26 @@ def test_fixture_copies_equal_the_shared_originals():
     assert originals
     for original in originals:
         assert (FIXTURES / original.relative_to(SHARED_FIXTURES)).read_bytes() == original.read_bytes()
+
+
+def test_a_class_subset_of_the_real_hierarchy_is_closed_both_ways():
+    """prep.classes on the 500 challenge classes: the selected classes keep their descendants
+    (Person: Man, Woman, Boy, Girl) and gain every ancestor along every parent (Tomato is a Fruit
+    and a Vegetable), so that the hierarchy restricted to the kept classes is the official one."""
+    from data_prep.class_subset import class_subset
+    from data_prep.errors import ConfigError
+
+    labels = LabelSpace.from_csv_text(CHALLENGE_CLASSES.read_text())
+    hierarchy = Hierarchy.from_json_text(CHALLENGE_HIERARCHY.read_text())
+    subset = class_subset(["Car", "Person", "Dog", "Tomato"], labels, hierarchy)
+    kept = {labels.names[labels.index(m)] for m in subset.kept_mids(labels)}
+    assert {"Man", "Woman", "Boy", "Girl", "Limousine", "Van"} <= kept  # descendants
+    assert {"Land vehicle", "Vehicle", "Carnivore", "Animal", "Fruit", "Vegetable"} <= kept  # ancestors
+    assert "Cat" not in kept and "Truck" not in kept
+    up = hierarchy.ancestor_matrix(labels)
+    keep = subset.keep
+    assert not (up[keep] & ~keep).any()  # closed under ancestors
+    for s in labels.lookup(["Car", "Person", "Dog", "Tomato"], "x"):
+        assert keep[up[:, s]].all()  # every descendant of a selected class is kept
+    with pytest.raises(ConfigError, match=r"prep.classes: display name 'Bench' is shared by 2 classes"):
+        class_subset(["Bench"], labels, hierarchy)

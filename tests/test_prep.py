@@ -406,3 +406,42 @@ def test_a_stray_quote_or_a_bad_byte_costs_its_own_row_only(synth, tmp_path):
     index = pq.read_table(tmp_path / "out" / info["index"])
     assert info["counts"]["images_written"] == 40
     assert sum(index.column("num_boxes").to_pylist()) == total_boxes - 2
+
+
+def test_a_class_subset_keeps_descendants_and_ancestors_and_counts_the_rest(synth, tmp_path):
+    """prep.classes=[Quadrilateral, Circle]: Square and Diamond are quadrilaterals (kept as
+    themselves), Polygon, Round and Shape are their ancestors; every other annotation is dropped and
+    counted, and `tsd train` takes the kept classes as the model's."""
+    import dataclasses
+
+    from data_prep.class_subset import class_subset
+    from data_prep.prep import load_label_space
+    from pipeline.classes import resolve_class_selection
+
+    out = tmp_path / "out"
+    cfg = tiny_config(synth, out, "prep.shard_size_mb=0.1", "prep.splits=[train]",
+                      "prep.classes=[Quadrilateral, /m/syn_circle]")
+    manifest = run_prep(cfg.data, cfg.prep, progress=False)
+    labels, hierarchy = load_label_space(cfg.data)
+    kept = {"/m/syn_quad", "/m/syn_square", "/m/syn_diamond", "/m/syn_circle",
+            "/m/syn_polygon", "/m/syn_round", "/m/syn_shape"}
+    assert manifest["class_subset"] == {"selected": ["/m/syn_quad", "/m/syn_circle"],
+                                        "classes": [m for m in labels.mids if m in kept]}
+    counts = manifest["splits"]["train"]["counts"]
+    rejected = sum(manifest["splits"]["train"]["rejects"]["counts"].values())
+    assert counts["box_rows_outside_class_subset"] > 0 and counts["images_outside_class_subset"] >= 0
+    assert counts["box_rows_read"] == counts["box_rows_kept"] + counts["box_rows_outside_class_subset"] + rejected
+    keep_ids = {labels.index(m) for m in kept}
+    index = pq.read_table(out / manifest["splits"]["train"]["index"]).to_pylist()
+    assert index and all(set(row["labels"]) <= keep_ids for row in index)
+    assert len(index) == counts["images_written"] == counts["images_planned"]
+    # the same split prepared whole has more images, and every kept image is one of them
+    whole = run_prep(dataclasses.replace(cfg.data, shards=str(tmp_path / "whole")),
+                     dataclasses.replace(cfg.prep, classes=[]), progress=False)
+    assert whole["class_subset"] is None
+    assert counts["images_written"] + counts["images_outside_class_subset"] == whole["splits"]["train"]["counts"][
+        "images_written"]
+    trained = resolve_class_selection(cfg, subset_of_the_shards=True)
+    assert trained.model.classes == manifest["class_subset"]["classes"] and trained.model.num_classes == 7
+    assert resolve_class_selection(cfg).model.classes == []  # evaluation: the checkpoint's classes decide
+    assert class_subset([], labels, hierarchy) is None
