@@ -38,6 +38,7 @@ from data_prep.rejects import Reject, RejectLog
 from data_prep.shard import ImageSettings, ShardResult, ShardSpec, load_complete, write_shard
 from data_prep.storage import Storage, is_s3, join, open_storage, read_source
 
+VERIFY_REPORT_FILE = "verify-report.json"
 CLASSES_FILE = "classes-description.csv"
 HIERARCHY_FILE = "label-hierarchy.json"
 MANIFEST_FILE = "manifest.json"
@@ -346,8 +347,11 @@ def run_prep(
     address: str | None = None,
     progress: bool = True,
     resolved_config: str | None = None,
+    verify: bool = False,
 ) -> dict:
-    """Run the whole job for ``prep.splits``; returns the manifest (also written to the output)."""
+    """Run the whole job for ``prep.splits``; returns the manifest (also written to the output).
+    ``verify`` first re-checks every shard of the existing manifest and rewrites the bad ones
+    (``data_prep.verify``)."""
     from data_prep.ray_runtime import init_ray, shutdown_ray
 
     unknown = [s for s in prep.splits if s not in data.splits]
@@ -374,6 +378,9 @@ def run_prep(
     if resolved_config is not None:
         out.put_bytes("prep-config.yaml", resolved_config.encode())
     manifest = _read_manifest(out)
+    manifest.pop("verify", None)  # a verification belongs to the run that made it
+    if verify:
+        manifest["verify"] = _verify(out, manifest, prep, progress)
     manifest.update(
         {
             "format": "tsd-oid shards v1",
@@ -417,7 +424,8 @@ def run_prep(
                 "changes": dict(sorted(changes.items())),
                 "classes": _class_stats(labels, results),
                 "shards": [
-                    {"name": r.name, "samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256}
+                    {"name": r.name, "samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256,
+                     "crc32": r.crc32}
                     for r in results
                 ],
                 "seconds": round(time.perf_counter() - t0, 3),
@@ -439,6 +447,20 @@ def remove_stale_shards(out: Storage, split: str, current: set[str]) -> list[str
     return stale
 
 
+def _verify(out: Storage, manifest: dict, prep: PrepConfig, progress: bool) -> dict:
+    """`tsd prep --verify`: check the shards the manifest lists against it, delete the bad ones (the
+    run then writes them again), and publish ``verify-report.json``; returns its content."""
+    from data_prep.verify import remove_bad, verify_shards
+
+    if not manifest.get("splits"):
+        raise InputError(f"{out.uri(MANIFEST_FILE)}: no manifest with shards to verify (run `tsd prep` first)")
+    report = verify_shards(out, manifest, [s for s in prep.splits if s in manifest["splits"]], progress=progress)
+    remove_bad(out, report)
+    result = report.to_json()
+    out.put_bytes(VERIFY_REPORT_FILE, json.dumps(result, indent=1).encode())
+    return result
+
+
 def _read_manifest(out: Storage) -> dict:
     if not out.exists(MANIFEST_FILE):
         return {}
@@ -451,6 +473,12 @@ def _read_manifest(out: Storage) -> dict:
 def summary_lines(manifest: dict) -> list[str]:
     """A short human summary of a manifest, one line per split."""
     lines = [f"shards in {manifest.get('output')} ({manifest.get('num_classes')} classes)"]
+    verified = manifest.get("verify")
+    if verified:
+        how = ", ".join(f"{n} by {k}" for k, n in verified["checked_by"].items())
+        lines.append(f"  verified {verified['shards_checked']} shards ({how}; {verified['bytes_read'] / 1e6:,.0f} MB "
+                     f"read, {verified['seconds']:.1f} s): {verified['shards_bad']} bad, written again"
+                     + "".join(f"\n    {b['problem']}" for b in verified["bad"]))
     for split, s in manifest.get("splits", {}).items():
         c = s["counts"]
         rejected = s["rejects"]["counts"]

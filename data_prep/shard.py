@@ -11,11 +11,13 @@ counts as done only when both exist and the report's plan fingerprint matches.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import tarfile
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -117,6 +119,9 @@ class ShardResult:
     box_counts: dict[str, int] = field(default_factory=dict)  # class index -> boxes written (expanded)
     annotated_boxes: int = 0  # boxes written that came from the CSV (not added for an ancestor class)
     skipped: bool = False  # found complete from an earlier run
+    # whole-file CRC32 (base64, S3's spelling), computed while writing when the output keeps checksums
+    # (S3): the upload is checked against it and `tsd prep --verify` compares it with one HEAD request
+    crc32: str | None = None
 
     @property
     def num_samples(self) -> int:
@@ -216,12 +221,20 @@ class _TarStream:
     with two zero blocks padded to a 10 KiB record, like GNU tar and Python's tarfile.
     """
 
-    def __init__(self, fd: int, capacity: int = 1 << 20) -> None:
+    def __init__(self, fd: int, capacity: int = 1 << 20, crc32: bool = False) -> None:
         self._fd = fd
         self._buffer = bytearray(capacity)
         self._pending = 0  # bytes of the sample being assembled
         self._written = 0  # bytes written to the file
         self.sha256 = hashlib.sha256()
+        self._crc32 = 0 if crc32 else None  # zlib's CRC32, updated per sample with the sha256
+
+    @property
+    def crc32(self) -> str | None:
+        """The archive's CRC32 as S3 spells it (base64 of 4 big-endian bytes); None when not kept."""
+        if self._crc32 is None:
+            return None
+        return base64.b64encode(self._crc32.to_bytes(4, "big")).decode()
 
     @property
     def offset(self) -> int:
@@ -260,6 +273,8 @@ class _TarStream:
         """Hash and write the members added since the last call."""
         view = memoryview(self._buffer)[: self._pending]
         self.sha256.update(view)
+        if self._crc32 is not None:
+            self._crc32 = zlib.crc32(view, self._crc32)
         while view:
             view = view[os.write(self._fd, view) :]
         self._written += self._pending
@@ -329,7 +344,7 @@ def write_shard(
     os.fchmod(fd, FILE_MODE)  # readable as any file the user writes, not mkstemp's 0600
     try:
         try:
-            tar = _TarStream(fd)
+            tar = _TarStream(fd, crc32=out.keeps_checksums)
             reader = _SourceReader(images)
             b1 = l1 = 0
             for i, (image_id, source) in enumerate(zip(spec.image_ids, spec.sources, strict=True)):
@@ -382,10 +397,11 @@ def write_shard(
                     column.append(value)
             tar.close()
             result.sha256 = tar.sha256.hexdigest()
+            result.crc32 = tar.crc32
             result.bytes = tar.offset
         finally:
             os.close(fd)
-        out.put_file(spec.name, tmp)
+        out.put_file(spec.name, tmp, crc32=result.crc32)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -77,8 +77,21 @@ class Storage:
     def put_bytes(self, name: str, data: bytes) -> None:
         raise NotImplementedError
 
-    def put_file(self, name: str, local_path: str | os.PathLike) -> None:
-        """Atomically publish a finished local file under ``name``."""
+    def put_file(self, name: str, local_path: str | os.PathLike, crc32: str | None = None) -> None:
+        """Atomically publish a finished local file under ``name``. ``crc32`` (base64, as S3
+        writes it) is the file's whole-object CRC32: a store that keeps checksums checks the upload
+        against it and keeps it (``stored_crc32``)."""
+        raise NotImplementedError
+
+    #: whether the store keeps a whole-object checksum it reports without a download (S3)
+    keeps_checksums = False
+
+    def stored_crc32(self, name: str) -> str | None:
+        """The whole-object CRC32 (base64) the store keeps for ``name``; None when it keeps none."""
+        return None
+
+    def iter_bytes(self, name: str, chunk: int = 8 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks (hashing without holding it in memory)."""
         raise NotImplementedError
 
     def delete(self, name: str) -> None:
@@ -132,11 +145,25 @@ def write_atomically(target: str | os.PathLike, writer: Callable[[BinaryIO], obj
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    directory = os.open(target.parent, os.O_RDONLY)
+    fsync_directory(target.parent)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a finished file's data to the disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(directory)
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a directory's entries, so that a rename into it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalStorage(Storage):
@@ -211,14 +238,22 @@ class LocalStorage(Storage):
     def put_bytes(self, name: str, data: bytes) -> None:
         self._atomic_write(name, lambda f: f.write(data))
 
-    def put_file(self, name: str, local_path: str | os.PathLike) -> None:
+    def iter_bytes(self, name: str, chunk: int = 8 << 20) -> Iterator[bytes]:
+        with open(self._path(name), "rb") as f:
+            while data := f.read(chunk):
+                yield data
+
+    def put_file(self, name: str, local_path: str | os.PathLike, crc32: str | None = None) -> None:
         target = self._path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
+        fsync_file(local_path)  # the data on disk before the name points at it...
         try:
             os.replace(local_path, target)  # same filesystem: an atomic rename
-        except OSError:
+        except OSError:  # another filesystem: copied, fsynced and renamed there
             with open(local_path, "rb") as src:
                 self._atomic_write(name, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            return
+        fsync_directory(target.parent)  # ...and the rename itself durable
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
@@ -318,30 +353,52 @@ class S3Storage(Storage):
     def put_bytes(self, name: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
-    def put_file(self, name: str, local_path: str | os.PathLike) -> None:
+    keeps_checksums = True
+
+    def stored_crc32(self, name: str) -> str | None:
+        head = self.client.head_object(Bucket=self.bucket, Key=self._key(name), ChecksumMode="ENABLED")
+        if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":  # a checksum of part checksums
+            return None
+        return head.get("ChecksumCRC32")
+
+    def iter_bytes(self, name: str, chunk: int = 8 << 20) -> Iterator[bytes]:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        yield from body.iter_chunks(chunk)
+
+    def put_file(self, name: str, local_path: str | os.PathLike, crc32: str | None = None) -> None:
+        """One PUT, or a multipart upload completed at the end. With ``crc32`` S3 checks the
+        object against it, whole (``ChecksumType=FULL_OBJECT`` for multipart too), and keeps it:
+        ``tsd prep --verify`` then checks a shard with one HEAD request instead of a download."""
         size = os.path.getsize(local_path)
         key = self._key(name)
         if size <= MULTIPART_THRESHOLD:
             with open(local_path, "rb") as f:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
+                extra = {"ChecksumAlgorithm": "CRC32", "ChecksumCRC32": crc32} if crc32 else {}
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=f, **extra)
             return
-        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        whole = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if crc32 else {}
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **whole)
         parts = []
         try:
             with open(local_path, "rb") as f:
                 number = 1
                 while chunk := f.read(MULTIPART_CHUNK):
-                    etag = self.client.upload_part(
+                    answer = self.client.upload_part(
                         Bucket=self.bucket,
                         Key=key,
                         UploadId=upload["UploadId"],
                         PartNumber=number,
                         Body=chunk,
-                    )["ETag"]
-                    parts.append({"PartNumber": number, "ETag": etag})
+                        **({"ChecksumAlgorithm": "CRC32"} if crc32 else {}),
+                    )
+                    part = {"PartNumber": number, "ETag": answer["ETag"]}
+                    if crc32:
+                        part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+                    parts.append(part)
                     number += 1
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+                Bucket=self.bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts},
+                **({"ChecksumCRC32": crc32, "ChecksumType": "FULL_OBJECT"} if crc32 else {}),
             )
         except BaseException:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])

@@ -54,7 +54,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
         overrides.append(f"prep.splits=[{','.join(args.split)}]")
     cfg = load_config(args.config, overrides)
     manifest = run_prep(cfg.data, cfg.prep, address=args.address, progress=not args.quiet,
-                        resolved_config=dump_config(cfg))
+                        resolved_config=dump_config(cfg), verify=args.verify)
     for line in summary_lines(manifest):
         print(line)
     print(f"manifest: {manifest['output'].rstrip('/')}/manifest.json")
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (overrides data.s3_endpoint_url)")
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: a local Ray")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true",
+                   help="first re-check every shard against the manifest (size, then S3's kept CRC32 or a full "
+                        "sha256 read), rewrite the bad ones, and write verify-report.json")
     p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("train", help="train a detector with Ray Train (DDP), with checkpoints and TensorBoard")

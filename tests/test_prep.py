@@ -445,3 +445,61 @@ def test_a_class_subset_keeps_descendants_and_ancestors_and_counts_the_rest(synt
     assert trained.model.classes == manifest["class_subset"]["classes"] and trained.model.num_classes == 7
     assert resolve_class_selection(cfg).model.classes == []  # evaluation: the checkpoint's classes decide
     assert class_subset([], labels, hierarchy) is None
+
+
+def _flip_a_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+def test_verify_finds_a_shard_damaged_in_place_and_writes_it_again(prepared, synth, tmp_path):
+    """A complete shard with one flipped byte (same size) passes resume's check, and the manifest
+    keeps a checksum the file no longer has; `tsd prep --verify` names it and writes it again."""
+    from data_prep.prep import VERIFY_REPORT_FILE
+    from pipeline.cli import build_parser
+
+    out = tmp_path / "shards"
+    shutil.copytree(prepared[0], out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    damaged = manifest["splits"]["train"]["shards"][1]
+    path = out / damaged["name"]
+    path.write_bytes(_flip_a_byte(path.read_bytes()))
+    resumed = _prep(synth, out)  # without --verify: skipped as complete, damage and all
+    assert resumed["splits"]["train"]["counts"]["shards_skipped_complete"] == len(manifest["splits"]["train"]["shards"])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != damaged["sha256"]
+
+    cfg = tiny_config(synth, out, "prep.shard_size_mb=0.1")
+    verified = run_prep(cfg.data, cfg.prep, progress=False, verify=True)
+    report = verified["verify"]
+    assert report["shards_checked"] == sum(len(s["shards"]) for s in manifest["splits"].values())
+    assert report["shards_bad"] == 1 and report["checked_by"] == {"sha256": report["shards_checked"]}
+    (bad,) = report["bad"]
+    assert bad["name"] == damaged["name"] and "same size: damaged in place" in bad["problem"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == damaged["sha256"]  # written again, identical
+    assert verified["splits"]["train"]["counts"]["shards_skipped_complete"] == len(manifest["splits"]["train"]["shards"]) - 1
+    assert json.loads((out / VERIFY_REPORT_FILE).read_text()) == report
+    clean = run_prep(cfg.data, cfg.prep, progress=False, verify=True)
+    assert clean["verify"]["shards_bad"] == 0 and "verify" not in _prep(synth, out)
+    assert build_parser().parse_args(["prep", "--config", "c.yaml", "--verify"]).verify
+
+
+def test_verify_of_s3_shards_compares_the_crc32_s3_keeps_without_a_download(synth, s3_server, s3_bucket):
+    """Shards uploaded with their CRC32 are checked by S3 on upload and keep it: verification is a
+    HEAD request per shard (no bytes read), and a shard replaced by other bytes of the same size is
+    found all the same and written again."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    cfg = tiny_config(synth, f"s3://{s3_bucket}/shards", "prep.shard_size_mb=0.1", "prep.splits=[train]",
+                      f"data.s3_endpoint_url={s3_server}")
+    manifest = run_prep(cfg.data, cfg.prep, progress=False)
+    shards = manifest["splits"]["train"]["shards"]
+    assert all(s["crc32"] for s in shards)
+    clean = run_prep(cfg.data, cfg.prep, progress=False, verify=True)["verify"]
+    assert clean["shards_bad"] == 0 and clean["checked_by"] == {"s3-crc32": len(shards)} and clean["bytes_read"] == 0
+    key = f"shards/{shards[0]['name']}"
+    original = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=_flip_a_byte(original))  # boto3 sends (and S3 keeps) its CRC32
+    report = run_prep(cfg.data, cfg.prep, progress=False, verify=True)["verify"]
+    assert report["shards_bad"] == 1 and report["bad"][0]["how"] == "s3-crc32" and report["bytes_read"] == 0
+    assert s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == original

@@ -100,3 +100,32 @@ def test_a_symlink_loop_or_a_dangling_link_is_reported_and_the_listing_goes_on(t
     assert log.counts[UNREADABLE_PATH] == 4
     paths = {r.file for r in log.records}
     assert str(images / "sub" / "loop") in paths and str(images / "dangling.jpg") in paths
+
+
+def test_a_published_shard_is_on_disk_before_its_name_and_the_rename_is_durable(tmp_path, monkeypatch):
+    """A shard is renamed from the staging area into place: its data must be fsynced before the
+    rename (or a crash leaves a full-size name over missing blocks) and the directory after it
+    (or the rename itself may be lost). The real fsync runs; the spy records which path each call
+    flushed and when, next to the renames."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    root = tmp_path / "shards"
+    store = open_storage(root)
+    staged = tmp_path / "shards" / ".staging" / "train-000000.tar.tmp"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"x" * 4096)
+    store.put_file("train-000000.tar", staged)
+    target = str(root / "train-000000.tar")
+    assert events == [("fsync", str(staged)), ("rename", target), ("fsync", str(root))]
+    assert (root / "train-000000.tar").read_bytes() == b"x" * 4096
