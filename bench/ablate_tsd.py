@@ -83,7 +83,8 @@ def make_data(work: Path, num_train: int, num_validation: int) -> tuple[Path, Pa
 
 def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, epochs: int) -> dict:
     from pipeline.config import load_config
-    from pipeline.evaluate import detect_range, split_ground_truth
+    from pipeline.evaluators import split_ground_truth
+    from pipeline.inference import detect_range
     from pipeline.loader import ShardDataset, unpack
     from pipeline.sampler import GlobalBatchSampler, SamplerSpec
     from pipeline.schedule import learning_rate, parameter_groups
@@ -126,8 +127,8 @@ def train_and_score(synth: Path, shards: Path, overrides: list[str], seed: int, 
             "nonfinite_steps": skipped}, (inputs, detections)
 
 
-def scores(inputs, detections: dict) -> dict:
-    from pipeline.evaluate import score_detections
+def scores(inputs, detections) -> dict:
+    from pipeline.evaluators import score_detections
     from pipeline.scoring import ap_by_level
 
     result = score_detections(inputs, detections)
@@ -145,7 +146,7 @@ def ensemble_of_seeds(outputs: list[tuple], method: str = "wbf") -> dict:
 
     inputs = outputs[0][0]
     covers = np.ones(len(inputs.labels), bool)
-    members = [MemberDetections(d["keys"], d["classes"], d["scores"], d["boxes"], 1.0, covers) for _, d in outputs]
+    members = [MemberDetections(d, 1.0, covers) for _, d in outputs]
     if method == "ensemble_boxes":  # the package's WBF on the same detections (bench_ensemble.py)
         from bench_ensemble import ensemble_boxes_fuse
 

@@ -38,6 +38,7 @@ def _ensemble_boxes():
 
 
 def synthetic_members(images: int, members: int, per_image: int = 125, classes: int = 500, seed: int = 0):
+    from pipeline.detections import Detections
     from pipeline.ensemble import MemberDetections
 
     rng = np.random.default_rng(seed)
@@ -53,16 +54,17 @@ def synthetic_members(images: int, members: int, per_image: int = 125, classes: 
             out[m]["classes"].append(label[seen])
             out[m]["scores"].append(rng.uniform(0.01, 1, n))
             out[m]["boxes"].append(np.clip(base[seen] + rng.normal(0, 0.01, (n, 4)), 0, 1))
-    return [MemberDetections(d["keys"], np.concatenate(d["classes"]), np.concatenate(d["scores"]),
-                             np.concatenate(d["boxes"]), 1.0, np.ones(classes, bool)) for d in out]
+    return [MemberDetections(Detections(d["keys"], np.concatenate(d["classes"]), np.concatenate(d["scores"]),
+                                        np.concatenate(d["boxes"])), 1.0, np.ones(classes, bool)) for d in out]
 
 
-def ensemble_boxes_fuse(members, iou: float = 0.55, skip: float = 0.0, max_detections: int | None = None) -> dict:
+def ensemble_boxes_fuse(members, iou: float = 0.55, skip: float = 0.0, max_detections: int | None = None):
     """The package's WBF, image by image, on the same member detections (keys, classes, scores, boxes),
     the best ``max_detections`` of each image kept (as ``fuse`` does)."""
     eb = _ensemble_boxes()
     per_image: dict[str, list] = {}
-    for m, d in enumerate(members):
+    for m, member in enumerate(members):
+        d = member.detections
         keys = np.asarray(d.keys, dtype=object)
         for key in dict.fromkeys(d.keys):
             per_image.setdefault(key, [[] for _ in members])
@@ -71,12 +73,13 @@ def ensemble_boxes_fuse(members, iou: float = 0.55, skip: float = 0.0, max_detec
         for key in per_image:
             lo, hi = np.searchsorted(sorted_keys, key, "left"), np.searchsorted(sorted_keys, key, "right")
             per_image[key][m] = order[lo:hi]
-    weights = [d.weight for d in members]
+    weights = [m.weight for m in members]
+    dets = [m.detections for m in members]
     out = {"keys": [], "classes": [], "scores": [], "boxes": []}
     for key, rows in per_image.items():
-        boxes = [np.clip(d.boxes[r], 0, 1).tolist() for d, r in zip(members, rows, strict=True)]
-        scores = [d.scores[r].tolist() for d, r in zip(members, rows, strict=True)]
-        labels = [d.classes[r].tolist() for d, r in zip(members, rows, strict=True)]
+        boxes = [np.clip(d.boxes[r], 0, 1).tolist() for d, r in zip(dets, rows, strict=True)]
+        scores = [d.scores[r].tolist() for d, r in zip(dets, rows, strict=True)]
+        labels = [d.classes[r].tolist() for d, r in zip(dets, rows, strict=True)]
         b, s, c = eb.weighted_boxes_fusion(boxes, scores, labels, weights=weights, iou_thr=iou, skip_box_thr=skip,
                                            conf_type="avg")
         b, s, c = b[:max_detections], s[:max_detections], c[:max_detections]  # sorted by score already
@@ -84,8 +87,10 @@ def ensemble_boxes_fuse(members, iou: float = 0.55, skip: float = 0.0, max_detec
         out["classes"].append(np.asarray(c, np.int64))
         out["scores"].append(np.asarray(s))
         out["boxes"].append(np.asarray(b).reshape(-1, 4))
-    return {"keys": out["keys"], "classes": np.concatenate(out["classes"]), "scores": np.concatenate(out["scores"]),
-            "boxes": np.concatenate(out["boxes"])}
+    from pipeline.detections import Detections
+
+    return Detections(out["keys"], np.concatenate(out["classes"]), np.concatenate(out["scores"]),
+                      np.concatenate(out["boxes"]))
 
 
 def merge_cost(images: int = 200) -> list[dict]:
@@ -100,13 +105,13 @@ def merge_cost(images: int = 200) -> list[dict]:
             t0 = time.perf_counter()
             fused = fuse(data, method)
             row[f"ours_{method}_ms_per_image"] = round(1000 * (time.perf_counter() - t0) / images, 3)
-            row[f"ours_{method}_out_per_image"] = round(len(fused["scores"]) / images, 1)
+            row[f"ours_{method}_out_per_image"] = round(len(fused) / images, 1)
         if _ensemble_boxes() is not None:
             ensemble_boxes_fuse(synthetic_members(3, members))  # numba's compilation, outside the timing
             t0 = time.perf_counter()
             fused = ensemble_boxes_fuse(data)
             row["ensemble_boxes_wbf_ms_per_image"] = round(1000 * (time.perf_counter() - t0) / images, 3)
-            row["ensemble_boxes_out_per_image"] = round(len(fused["scores"]) / images, 1)
+            row["ensemble_boxes_out_per_image"] = round(len(fused) / images, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -118,14 +123,9 @@ def quality(checkpoints: list[str]) -> list[dict]:
     from pipeline.classes import model_classes
     from pipeline.config import load_config
     from pipeline.ensemble import MemberDetections, fuse
-    from pipeline.evaluate import (
-        Member,
-        detect_range,
-        load_model_for_inference,
-        member_covers,
-        score_detections,
-        split_ground_truth,
-    )
+    from pipeline.evaluate import Member, member_covers
+    from pipeline.evaluators import score_detections, split_ground_truth
+    from pipeline.inference import detect_range, load_model_for_inference
     from pipeline.scoring import ap_by_level
 
     members, rows = [], []
@@ -137,22 +137,21 @@ def quality(checkpoints: list[str]) -> list[dict]:
         model = load_model_for_inference(cfg, str(state), torch.device("cpu"))
         d = detect_range(model, cfg, "validation", 0, 10**9, 4, torch.device("cpu"))
         covers = member_covers(Member(cfg, str(state)), len(model_classes(cfg).data))
-        members.append(MemberDetections(d["keys"], d["classes"], d["scores"], d["boxes"], 1.0, covers))
+        members.append(MemberDetections(d, 1.0, covers))
     inputs = split_ground_truth(base, "validation")
 
-    def row(name: str, detections: dict, seconds: float | None = None) -> dict:
+    def row(name: str, detections, seconds: float | None = None) -> dict:
         result = score_detections(inputs, detections)
         levels = ap_by_level(result.ap[0], inputs.hierarchy, inputs.labels)
         out = {"detections": name, "mAP": round(result.mean_ap(0), 4), "mAP_leaf": round(levels["leaf"]["mAP"], 4),
-               "mAP_parent": round(levels["parent"]["mAP"], 4), "count": int(len(detections["scores"]))}
+               "mAP_parent": round(levels["parent"]["mAP"], 4), "count": len(detections)}
         if seconds is not None:
-            out["merge_ms_per_image"] = round(1000 * seconds / len(set(detections["keys"])), 3)
+            out["merge_ms_per_image"] = round(1000 * seconds / detections.num_images(), 3)
         print(json.dumps(out), flush=True)
         return out
 
     for checkpoint, m in zip(checkpoints, members, strict=True):
-        rows.append(row(f"single {checkpoint}", {"keys": m.keys, "classes": m.classes, "scores": m.scores,
-                                                  "boxes": m.boxes}))
+        rows.append(row(f"single {checkpoint}", m.detections))
     for method in ("wbf", "vote"):
         t0 = time.perf_counter()
         fused = fuse(members, method, 0.55, max_detections=base.model.test.max_detections)

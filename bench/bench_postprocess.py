@@ -43,7 +43,8 @@ def newest_run(workdir: Path) -> tuple[Path, str]:
 
 def quality(config: Path, checkpoint: str) -> list[dict]:
     from pipeline.config import load_config
-    from pipeline.evaluate import detect_range, load_model_for_inference, score_detections, split_ground_truth
+    from pipeline.evaluators import score_detections, split_ground_truth
+    from pipeline.inference import detect_range, load_model_for_inference
     from pipeline.scoring import ap_by_level
 
     rows = []
@@ -62,7 +63,7 @@ def quality(config: Path, checkpoint: str) -> list[dict]:
             levels = ap_by_level(result.ap[0], inputs.hierarchy, inputs.labels)
             row = {"nms": method, "expand_to_ancestors": expand, "mAP": round(result.mean_ap(0), 4),
                    "mAP_leaf": round(levels["leaf"]["mAP"], 4), "mAP_parent": round(levels["parent"]["mAP"], 4),
-                   "detections": len(detections["scores"]), "inference_s": round(seconds, 1)}
+                   "detections": len(detections), "inference_s": round(seconds, 1)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -73,7 +74,8 @@ def capping(config: Path, checkpoint: str, caps: tuple[int, ...] = (5, 10, 20, 5
     bytes a detection takes in the submission file (what sizes a 100k-image upload)."""
     from data_prep.prep import load_label_space
     from pipeline.config import load_config
-    from pipeline.evaluate import detect_range, load_model_for_inference, score_detections, split_ground_truth
+    from pipeline.evaluators import score_detections, split_ground_truth
+    from pipeline.inference import detect_range, load_model_for_inference
     from pipeline.submission import prediction_string
 
     cfg = load_config(config, ["model.test.score_thresh=0.01", "model.test.max_detections=100"])
@@ -82,19 +84,19 @@ def capping(config: Path, checkpoint: str, caps: tuple[int, ...] = (5, 10, 20, 5
     model.roi_heads.test = cfg.model.test
     detections = detect_range(model, cfg, "validation", 0, 10**9, 4, torch.device("cpu"))
     mids = load_label_space(cfg.data)[0].mids
-    keys = np.asarray(detections["keys"], dtype=object)
+    keys = np.asarray(detections.keys, dtype=object)
     rows = []
     for cap in caps:
         keep = []
         text_bytes = 0
-        for key in dict.fromkeys(detections["keys"]):
+        for key in dict.fromkeys(detections.keys):
             idx = np.flatnonzero(keys == key)
-            idx = idx[np.argsort(-detections["scores"][idx], kind="stable")][:cap]
+            idx = idx[np.argsort(-detections.scores[idx], kind="stable")][:cap]
             keep.append(idx)
-            text_bytes += len(prediction_string([mids[c] for c in detections["classes"][idx]],
-                                                detections["scores"][idx], detections["boxes"][idx]))
+            text_bytes += len(prediction_string([mids[c] for c in detections.classes[idx]],
+                                                detections.scores[idx], detections.boxes[idx]))
         keep = np.concatenate(keep)
-        capped = {k: (v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep]) for k, v in detections.items()}
+        capped = detections.select(keep)
         result = score_detections(inputs, capped)
         row = {"max_per_image": cap, "mAP": round(result.mean_ap(0), 4), "detections": int(len(keep)),
                "bytes_per_detection": round(text_bytes / max(1, len(keep)), 1)}

@@ -94,6 +94,17 @@ class TrainConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """The resources of `tsd evaluate` and `tsd submission`: Ray tasks, each scoring a contiguous
+    range of the images (evaluation during training runs on the training workers instead)."""
+
+    use_gpu: bool | None = None  # None: one GPU per task when the cluster has GPUs, else CPUs
+    num_tasks: int | None = None  # None: one per GPU of the cluster (GPU), or per cpus_per_task CPUs
+    cpus_per_task: float = 1.0
+    images_per_batch: int = 2  # images per forward (also of evaluation during training)
+
+
+@dataclass
 class EnsembleMember:
     """One model of an ensemble. Its model section comes from ``config`` if given, else from the
     ``config.yaml`` saved beside its checkpoint (so an expert brings its own ``model.classes``),
@@ -130,6 +141,7 @@ class ExperimentConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -88,7 +88,7 @@ def visualize_demo(cfg, checkpoint: str, images: Path, out: Path, report: str) -
     import torch
     from PIL import Image
 
-    from pipeline.evaluate import load_model_for_inference
+    from pipeline.inference import load_model_for_inference
     from pipeline.visualize import draw_tsd, plot_ap_by_level, plot_ap_vs_iou, tsd_geometry
 
     out.mkdir(parents=True, exist_ok=True)

@@ -29,16 +29,15 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
 
+from pipeline.detections import Detections
+
 
 @dataclass
 class MemberDetections:
-    """One member's detections over a split (normalized x1, y1, x2, y2 boxes; classes in the
-    ensemble's label space) and what it may vote on."""
+    """One member's detections over a split (classes in the ensemble's label space) and what it may
+    vote on."""
 
-    keys: list[str]
-    classes: np.ndarray  # [N] int64
-    scores: np.ndarray  # [N] float
-    boxes: np.ndarray  # [N, 4] float
+    detections: Detections
     weight: float
     covers: np.ndarray  # [C] bool: the classes this member detects (all but an expert's others)
 
@@ -76,20 +75,21 @@ def fuse_image(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, 
 
 
 def fuse(members: list[MemberDetections], method: Literal["wbf", "vote"] = "wbf", iou: float = 0.55,
-         skip_score: float = 0.0, max_detections: int | None = None) -> dict:
-    """One detections dict (keys, classes, scores, boxes) merged from several members' per image and class;
-    images in order of first appearance. ``skip_score`` drops member detections below it before merging."""
+         skip_score: float = 0.0, max_detections: int | None = None) -> Detections:
+    """The members' detections merged per image and class; images in order of first appearance.
+    ``skip_score`` drops member detections below it before merging."""
     if not members:
         raise ValueError("an ensemble needs at least one member")
     weights = torch.tensor([m.weight for m in members], dtype=torch.float64)
     coverage = torch.from_numpy(np.stack([m.covers.astype(np.float64) * m.weight for m in members]).sum(axis=0))
     codes: dict[str, int] = {}
-    per_member_codes = [np.array([codes.setdefault(k, len(codes)) for k in m.keys], dtype=np.int64) for m in members]
+    dets = [m.detections for m in members]
+    per_member_codes = [np.array([codes.setdefault(k, len(codes)) for k in d.keys], dtype=np.int64) for d in dets]
     image = np.concatenate(per_member_codes)
-    member = np.concatenate([np.full(len(m.keys), i, np.int64) for i, m in enumerate(members)])
-    classes = np.concatenate([m.classes for m in members]).astype(np.int64)
-    scores = np.concatenate([m.scores for m in members]).astype(np.float64)
-    boxes = np.concatenate([np.asarray(m.boxes, np.float64).reshape(-1, 4) for m in members])
+    member = np.concatenate([np.full(len(d), i, np.int64) for i, d in enumerate(dets)])
+    classes = np.concatenate([d.classes for d in dets]).astype(np.int64)
+    scores = np.concatenate([d.scores for d in dets]).astype(np.float64)
+    boxes = np.concatenate([np.asarray(d.boxes, np.float64).reshape(-1, 4) for d in dets])
     keep = scores >= skip_score
     image, member, classes, scores, boxes = image[keep], member[keep], classes[keep], scores[keep], boxes[keep]
     order = np.argsort(image, kind="stable")
@@ -108,6 +108,6 @@ def fuse(members: list[MemberDetections], method: Literal["wbf", "vote"] = "wbf"
         out_keys.extend([keys[code]] * len(s))
         parts.append((b, s, c))
     if not parts:
-        return {"keys": [], "classes": np.zeros(0, np.int64), "scores": np.zeros(0), "boxes": np.zeros((0, 4))}
-    return {"keys": out_keys, "classes": torch.cat([p[2] for p in parts]).numpy().astype(np.int64),
-            "scores": torch.cat([p[1] for p in parts]).numpy(), "boxes": torch.cat([p[0] for p in parts]).numpy()}
+        return Detections.empty()
+    return Detections(out_keys, torch.cat([p[2] for p in parts]).numpy(), torch.cat([p[1] for p in parts]).numpy(),
+                      torch.cat([p[0] for p in parts]).numpy())

@@ -1,10 +1,11 @@
 """Distributed training on Ray Train: the worker loop and the driver.
 
 The two halves of a Ray Train program. ``train_worker`` runs on every worker: build the model and
-its DDP wrapper, resume from ``ray.train.get_checkpoint()`` if there is one, then iterate over
-the sampler's batches with the paper's schedule, AMP and gradient accumulation; every
-``checkpoint_every`` iterations, at every epoch end and at the end, every rank calls
-``ray.train.report`` (rank 0 with the checkpoint). Rank 0 alone writes TensorBoard. The driver,
+its DDP wrapper, the data and the hooks, resume from ``ray.train.get_checkpoint()`` if there is
+one, then run the loop (``pipeline.trainer``: a short step with the paper's schedule, AMP and
+gradient accumulation, and the periodic hooks of ``pipeline.hooks``); every ``checkpoint_every``
+iterations, at every epoch end and at the end, every rank calls ``ray.train.report`` (rank 0 with
+the checkpoint). Rank 0 alone writes TensorBoard. The driver,
 ``run_training``, only builds the ``TorchTrainer`` (scaling, storage, failure and checkpoint
 configs) and calls ``fit()``; a worker failure restarts the group from the last checkpoint
 (``FailureConfig``), and ``--resume`` continues a killed job: the same run name and storage make
@@ -22,9 +23,6 @@ import contextlib
 import json
 import math
 import os
-import socket
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 
 from data_prep.errors import ConfigError, TsdError
-from pipeline.checkpoint import CONFIG_FILE, read_checkpoint, write_checkpoint
+from pipeline.checkpoint import CONFIG_FILE, read_checkpoint
 from pipeline.config import ExperimentConfig, dump_config, from_dict, to_dict
 from pipeline.files import write_text_atomic
 
@@ -112,21 +110,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     return StepResult(True, loss_sums, norm, applied=True)
 
 
-class _StatusFile:
-    """``{local_dir}/{run}/workers/rank{r}.json``: pid, host and progress of each worker, for ops."""
-
-    def __init__(self, directory: Path, rank: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"rank{rank}.json"
-        self.rank = rank
-
-    def write(self, iteration: int, state: str) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-                                   "iteration": iteration, "state": state, "time": time.time()}))
-        os.replace(tmp, self.path)
-
-
 def label_ancestors(cfg: ExperimentConfig) -> torch.Tensor | None:
     """The label space's ancestor matrix, for a multi-label classifier (``model.roi.classification:
     sigmoid``) to train against; None for the softmax."""
@@ -168,9 +151,11 @@ def batch_plan(tc, world: int) -> BatchPlan:
     return BatchPlan(global_batch, per_rank, micro)
 
 
-def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int):
+def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int, rank: int, world: int,
+                to_model: np.ndarray | None = None):
     """The DataLoader of one rank for one epoch from ``start``: the sampler's batches in index mode, or
-    webdataset streaming; the same for `tsd train` and `bench/`."""
+    webdataset streaming; the same for `tsd train` and `bench/`. ``to_model``: the expert's label
+    map (``label_map(cfg)``, computed once by the caller; recomputed here when not given)."""
     from torch.utils.data import DataLoader
 
     from pipeline.loader import collate, streaming_dataset
@@ -183,7 +168,8 @@ def make_loader(cfg: ExperimentConfig, dataset, sampler, epoch: int, start: int,
         stream = streaming_dataset(cfg.data.shards, cfg.train.split, cfg.model.input.min_size,
                                    cfg.model.input.max_size, (sampler.iterations_per_epoch - start) * per_rank,
                                    seed=cfg.train.seed + 1000 * epoch + rank, flip_prob=lc.flip_prob,
-                                   use_expanded_labels=lc.use_expanded_labels, label_map=label_map(cfg))
+                                   use_expanded_labels=lc.use_expanded_labels,
+                                   label_map=to_model if to_model is not None else label_map(cfg))
         return DataLoader(stream, batch_size=per_rank, collate_fn=collate, num_workers=workers,
                           pin_memory=cfg.train.use_gpu, **extra)
     batches = list(sampler.rank_batches(epoch, start))
@@ -205,17 +191,18 @@ def _quiet_ray_train_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best in one piece
+def train_worker(loop_config: dict) -> None:
+    """One Ray Train worker: build the model, the optimizer, the data and the hooks, resume from
+    ``ray.train.get_checkpoint()`` if there is one, and run the loop (``pipeline.trainer``)."""
     import ray.train
     import ray.train.torch
     from torch import nn
-    from torch.utils.tensorboard import SummaryWriter
 
-    from pipeline.loader import ShardDataset, unpack
-    from pipeline.run_sync import DirectorySync, run_storage
+    from pipeline import hooks
+    from pipeline.loader import ShardDataset
     from pipeline.sampler import GlobalBatchSampler, SamplerSpec
-    from pipeline.schedule import learning_rate, parameter_groups
-    from pipeline.visualize import draw_detections, draw_tsd, tsd_geometry
+    from pipeline.schedule import parameter_groups
+    from pipeline.trainer import Trainer, TrainState
     from pipeline.weights_files import with_local_weights
     from tsd_model.build import build_model
 
@@ -239,188 +226,67 @@ def train_worker(loop_config: dict) -> None:  # noqa: C901 - the loop reads best
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.SGD(parameter_groups(core, tc), lr=tc.base_lr_per_image, momentum=tc.momentum)
-    use_scaler = tc.amp == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16" and device.type == "cuda")
 
     # 2. data: the same global batches whatever the number of workers
+    to_model = label_map(cfg)
     dataset = ShardDataset(cfg.data.shards, tc.split, cfg.model.input.min_size, cfg.model.input.max_size,
-                           cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels, label_map(cfg),
+                           cfg.data.s3_endpoint_url, cfg.loader.use_expanded_labels, to_model,
                            read_ahead=cfg.loader.read_ahead)
     if dataset.skipped and rank == 0:
         print(f"[tsd train] left out {sum(dataset.skipped.values())} samples of missing or truncated shards: "
               f"{dataset.skipped} (re-run `tsd prep` to restore them)", flush=True)
     plan = batch_plan(tc, world)
-    per_rank, global_batch = plan.images_per_rank, plan.global_batch
     if rank == 0 and world != tc.num_workers:
-        print(f"[tsd train] {world} of {tc.num_workers} workers: the global batch stays {global_batch} images "
-              f"({per_rank} per worker in {plan.micro_batches} micro-batches), and the learning rate with it",
-              flush=True)
-    ipe = tc.iterations_per_epoch or max(1, math.ceil(len(dataset) / global_batch))
-    max_iterations = tc.max_iterations or tc.epochs * ipe
+        print(f"[tsd train] {world} of {tc.num_workers} workers: the global batch stays {plan.global_batch} images "
+              f"({plan.images_per_rank} per worker in {plan.micro_batches} micro-batches), and the learning rate "
+              f"with it", flush=True)
+    ipe = tc.iterations_per_epoch or max(1, math.ceil(len(dataset) / plan.global_batch))
     landscape = dataset.index.widths >= dataset.index.heights
-    sampler = GlobalBatchSampler(dataset.sample_labels, landscape, cfg.model.num_classes, per_rank, world, rank,
-                                 tc.seed, ipe, SamplerSpec(cfg.loader.sampler, cfg.loader.num_sample_class,
-                                                           cfg.loader.repeat_threshold, cfg.loader.group_by_aspect,
-                                                           cfg.loader.flip_prob))
+    sampler = GlobalBatchSampler(dataset.sample_labels, landscape, cfg.model.num_classes, plan.images_per_rank, world,
+                                 rank, tc.seed, ipe, SamplerSpec(cfg.loader.sampler, cfg.loader.num_sample_class,
+                                                                 cfg.loader.repeat_threshold,
+                                                                 cfg.loader.group_by_aspect, cfg.loader.flip_prob))
 
     # 3. resume
-    iteration, skipped_total, restarts = 0, 0, 0
+    state = TrainState(0, tc.max_iterations or tc.epochs * ipe, ipe)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = read_checkpoint(d)
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        iteration, skipped_total = state["iteration"], state["nonfinite_skipped"]
-        restarts = state.get("restarts", 0) + 1
-    _reseed(tc.seed, rank, iteration)
+            saved = read_checkpoint(d)
+        core.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state.iteration, state.nonfinite_skipped = saved["iteration"], saved["nonfinite_skipped"]
+        state.restarts = saved.get("restarts", 0) + 1
+    _reseed(tc.seed, rank, state.iteration)
 
-    run_dir = Path(tc.local_dir) / run_name
-    status = _StatusFile(run_dir / "workers", rank)
-    status.write(iteration, "running")
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=iteration) if rank == 0 else None
-    # the monitoring files into the run's storage, readable from any machine (pipeline.run_sync)
-    remote = run_storage(tc.storage_path, run_name, tc.local_dir, cfg.data.s3_endpoint_url)
-    syncs = [DirectorySync(run_dir / "workers", remote, "workers", tc.sync_every_s, pattern=f"rank{rank}.json")]
-    if rank == 0:
-        syncs.append(DirectorySync(run_dir / "tensorboard", remote, "tensorboard", tc.sync_every_s))
-
-    def sync(force: bool = False) -> None:
-        if writer is not None:
-            writer.flush()
-        for s in syncs:
-            s(force)
-    if writer is not None:
-        writer.add_scalar("data/samples_left_out", sum(dataset.skipped.values()), iteration)
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=max_iterations, initial=iteration, desc=f"train {run_name}", unit="it", mininterval=2)
-
-    def save_and_report(metrics: dict) -> None:
-        ckpt = None
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                write_checkpoint(d, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scaler": scaler.state_dict(), "iteration": iteration,
-                                     "epoch": iteration // ipe, "nonfinite_skipped": skipped_total,
-                                     "restarts": restarts, "world_size": world,
-                                     "sampler": {"seed": tc.seed, "mode": cfg.loader.sampler,
-                                                 "iterations_per_epoch": ipe, "global_batch": global_batch}},
-                                 dump_config(cfg))
-                if writer is not None:
-                    writer.flush()
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
-        _reseed(tc.seed, rank, iteration)
-
-    nonfinite_in_row = 0
-    window = {"images": 0, "wait": 0.0, "time": 0.0}
-    last_losses: dict[str, float] = {}
-    while iteration < max_iterations:
-        epoch, start = divmod(iteration, ipe)
-        loader = make_loader(cfg, dataset, sampler, epoch, start, rank, world)
-        model.train()
-        t_end = time.perf_counter()
-        for batch in loader:
-            t_data = time.perf_counter()
-            lr = learning_rate(iteration, tc, global_batch, ipe)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, targets = unpack(batch, device)
-            step = train_step(model, optimizer, scaler, images, targets, plan.micro_batches, amp_dtype,
-                              tc.grad_clip_norm)
-            loss_sums, grad_norm = step.losses, step.grad_norm
-            if step.finite:
-                nonfinite_in_row = 0
-            else:
-                nonfinite_in_row += 1
-                skipped_total += 1
-                if rank == 0:
-                    print(f"[tsd train] iteration {iteration}: non-finite loss, step skipped "
-                          f"({nonfinite_in_row} in a row, {skipped_total} in total)", flush=True)
-                if nonfinite_in_row >= tc.max_nonfinite_in_row:
-                    raise TrainingError(f"{nonfinite_in_row} consecutive iterations with a non-finite loss at "
-                                        f"iteration {iteration}: lower the learning rate or check the data")
-            iteration += 1
-            t_step = time.perf_counter()
-            window["images"] += len(images) * world
-            window["wait"] += t_data - t_end
-            window["time"] += t_step - t_end
-            t_end = t_step
-            if loss_sums:
-                names = sorted(loss_sums)
-                mean = _all_reduce(torch.stack([loss_sums[k] for k in names])) / world
-                last_losses = dict(zip(names, mean.tolist(), strict=True))
-            if rank == 0 and (iteration % tc.log_every == 0 or iteration == max_iterations):
-                ips = window["images"] / max(window["time"], 1e-9)
-                wait = window["wait"] / max(window["time"], 1e-9)
-                for k, v in last_losses.items():
-                    writer.add_scalar(f"loss/{k}", v, iteration)
-                writer.add_scalar("loss/total", sum(last_losses.values()), iteration)
-                writer.add_scalar("train/lr", lr, iteration)
-                if math.isfinite(grad_norm):
-                    writer.add_scalar("train/grad_norm", grad_norm, iteration)
-                writer.add_scalar("train/images_per_s", ips, iteration)
-                writer.add_scalar("train/data_wait_fraction", wait, iteration)
-                writer.add_scalar("train/nonfinite_skipped", skipped_total, iteration)
-                if device.type == "cuda":
-                    writer.add_scalar("train/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, iteration)
-                bar.set_postfix(loss=f"{sum(last_losses.values()):.3f}", lr=f"{lr:.4g}", img_s=f"{ips:.1f}",
-                                wait=f"{wait:.0%}")
-                window = {"images": 0, "wait": 0.0, "time": 0.0}
-            if iteration % tc.log_every == 0:
-                status.write(iteration, "running")
-                sync()
-            if rank == 0 and tc.image_log_every and (iteration % tc.image_log_every == 0 or iteration == 1):
-                core.eval()
-                with torch.no_grad():
-                    pred = core([images[0]])[0]
-                core.train()
-                writer.add_image("train/detections", draw_detections(images[0], targets[0]["boxes"], pred["boxes"],
-                                                                     pred["scores"]), iteration)
-                if cfg.model.roi.head == "tsd":  # P, P-hat-r and the P-hat-c sampling points (paper Fig. 5)
-                    writer.add_image("train/tsd_proposals", draw_tsd(images[0], tsd_geometry(core, images[0])),
-                                     iteration)
-            if bar is not None:
-                bar.update(1)
-            at_epoch_end = iteration % ipe == 0
-            eval_metrics = {}
-            if at_epoch_end and tc.eval_every_epochs and (iteration // ipe) % tc.eval_every_epochs == 0:
-                eval_metrics = _evaluate_during_training(core, cfg, rank, world, device, writer, iteration)
-            if iteration % tc.checkpoint_every == 0 or at_epoch_end or iteration == max_iterations:
-                sync(force=True)
-                save_and_report({**eval_metrics, "iteration": iteration, "epoch": iteration // ipe, "lr": lr,
-                                 "nonfinite_skipped": skipped_total, "restarts": restarts,
-                                 **{k: round(v, 6) for k, v in last_losses.items()}})
-            if iteration >= max_iterations or at_epoch_end:
-                break
-    status.write(iteration, "finished")
-    sync(force=True)
-    if writer is not None:
-        writer.close()
-    if bar is not None:
-        bar.close()
+    # 4. the loop and its hooks
+    trainer = Trainer(cfg, model, core, optimizer, scaler, dataset, sampler, plan, device, rank, world,
+                      {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.amp), state, to_model)
+    files = hooks.RunFiles(trainer, run_name)
+    trainer.hooks = [hooks.MetricsWriter(files, run_name), hooks.StatusWriter(files), hooks.ImageWriter(files),
+                     *([hooks.PeriodicEvaluator(files)] if tc.eval_every_epochs else []),
+                     hooks.PeriodicCheckpointer(files, dump_config(cfg))]
+    trainer.train()
 
 
 def _evaluate_during_training(core, cfg: ExperimentConfig, rank: int, world: int, device, writer,
-                              iteration: int) -> dict:
-    """Every rank detects on its contiguous slice of the evaluation split; rank 0 gathers, scores
-    with the official metric and logs; returns ``{"val_mAP": ...}`` on rank 0 ({} elsewhere)."""
+                              iteration: int, evaluator=None) -> dict:
+    """Every rank detects on its contiguous slice of the evaluation split (the one inference loop);
+    rank 0 gathers the parts into the evaluator (the official metric), logs and returns
+    ``{"val_mAP": ...}`` ({} on the other ranks)."""
     import torch.distributed as dist
 
     from data_prep.index import ShardIndex
     from data_prep.storage import open_storage
-    from pipeline.evaluate import detect_range, merge_detections, score_detections, split_ground_truth
+    from pipeline.inference import detect_range
 
     split = cfg.train.eval_split
     n = len(ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split))
     lo, hi = n * rank // world, n * (rank + 1) // world
     core.eval()
-    part = detect_range(core, cfg, split, lo, hi, cfg.train.images_per_worker, device)
+    part = detect_range(core, cfg, split, lo, hi, cfg.inference.images_per_batch, device)
     core.train()
     parts = [part]
     if dist.is_available() and dist.is_initialized() and world > 1:
@@ -428,8 +294,10 @@ def _evaluate_during_training(core, cfg: ExperimentConfig, rank: int, world: int
         dist.all_gather_object(parts, part)
     if rank != 0:
         return {}
-    result = score_detections(split_ground_truth(cfg, split), merge_detections(parts))
-    value = result.mean_ap()
+    evaluator.reset()
+    for p in parts:
+        evaluator.process(p)
+    value = evaluator.evaluate().mean_ap()
     if writer is not None:
         writer.add_scalar(f"eval/{split}_mAP@0.5", value, iteration)
     print(f"[tsd train] iteration {iteration}: {split} mAP@0.5 = {value:.4f}", flush=True)

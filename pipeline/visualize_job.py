@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.classes import model_classes, resolve_class_selection
 from pipeline.config import load_config
-from pipeline.evaluate import load_model_for_inference
+from pipeline.inference import load_model_for_inference
 from pipeline.visualize import draw_tsd, tsd_geometry
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data_prep.errors import ConfigError
+from pipeline.detections import Detections
 from pipeline.ensemble import MemberDetections, fuse
 
 A0 = [0.0, 0.0, 0.10, 0.10]
@@ -17,27 +18,28 @@ FAR = [0.5, 0.5, 0.7, 0.7]
 
 def member(rows, weight=1.0, covers=(True, True, True)):
     """rows: (image, class, score, box)."""
-    return MemberDetections([r[0] for r in rows], np.array([r[1] for r in rows], np.int64),
-                            np.array([r[2] for r in rows]), np.array([r[3] for r in rows], np.float64).reshape(-1, 4),
+    return MemberDetections(Detections([r[0] for r in rows], np.array([r[1] for r in rows], np.int64),
+                                       np.array([r[2] for r in rows]),
+                                       np.array([r[3] for r in rows], np.float64).reshape(-1, 4)),
                             weight, np.array(covers))
 
 
 def by_class(out, key="a"):
-    sel = [i for i, k in enumerate(out["keys"]) if k == key]
-    return {int(out["classes"][i]): (float(out["scores"][i]), out["boxes"][i]) for i in sel}
+    sel = [i for i, k in enumerate(out.keys) if k == key]
+    return {int(out.classes[i]): (float(out.scores[i]), out.boxes[i]) for i in sel}
 
 
 def test_wbf_fuses_overlapping_boxes_and_halves_a_box_one_member_missed():
     out = fuse([member([("a", 0, 0.9, A0), ("a", 1, 0.8, FAR)]), member([("a", 0, 0.6, A1)])], "wbf", iou=0.55)
     found = by_class(out)
-    assert len(out["scores"]) == 2
+    assert len(out.scores) == 2
     score, box = found[0]
     assert score == pytest.approx((0.9 + 0.6) / 2)
     np.testing.assert_allclose(box, (0.9 * np.array(A0) + 0.6 * np.array(A1)) / 1.5)
     score, box = found[1]
     assert score == pytest.approx(0.8 / 2)  # one of two equal members saw it
     np.testing.assert_allclose(box, FAR)
-    assert list(out["scores"]) == sorted(out["scores"], reverse=True)
+    assert list(out.scores) == sorted(out.scores, reverse=True)
 
 
 def test_vote_keeps_the_best_score_and_votes_the_coordinates():
@@ -57,7 +59,7 @@ def test_member_weights_scale_coordinates_and_confidence():
 def test_classes_images_and_distant_boxes_stay_apart():
     out = fuse([member([("a", 0, 0.9, A0), ("b", 0, 0.7, A0)]), member([("a", 1, 0.6, A1), ("a", 0, 0.5, FAR)])],
                "wbf", iou=0.55)
-    assert sorted(zip(out["keys"], out["classes"].tolist(), np.round(out["scores"], 6).tolist(), strict=True)) == [
+    assert sorted(zip(out.keys, out.classes.tolist(), np.round(out.scores, 6).tolist(), strict=True)) == [
         ("a", 0, 0.25), ("a", 0, 0.45), ("a", 1, 0.3), ("b", 0, 0.35)]
 
 
@@ -65,7 +67,7 @@ def test_one_member_counts_once_per_cluster_with_its_best_box():
     # member 0 put two boxes on one object: the cluster's confidence takes its best one only
     out = fuse([member([("a", 0, 0.9, A0), ("a", 0, 0.5, A1)]), member([("a", 0, 0.7, A1)])], "wbf", iou=0.55)
     score, box = by_class(out)[0]
-    assert len(out["scores"]) == 1 and score == pytest.approx((0.9 + 0.7) / 2)
+    assert len(out.scores) == 1 and score == pytest.approx((0.9 + 0.7) / 2)
     np.testing.assert_allclose(box, (0.9 * np.array(A0) + 0.5 * np.array(A1) + 0.7 * np.array(A1)) / 2.1)
 
 
@@ -80,8 +82,8 @@ def test_an_expert_votes_on_its_own_classes_only():
 def test_skip_score_and_max_detections():
     rows = [("a", 0, s, [0.1 * k, 0.0, 0.1 * k + 0.05, 0.05]) for k, s in enumerate([0.9, 0.8, 0.05, 0.7])]
     out = fuse([member(rows), member(rows)], "wbf", iou=0.55, skip_score=0.1, max_detections=2)
-    np.testing.assert_allclose(out["scores"], [0.9, 0.8])
-    assert fuse([member([]), member([])])["scores"].shape == (0,)
+    np.testing.assert_allclose(out.scores, [0.9, 0.8])
+    assert fuse([member([]), member([])]).scores.shape == (0,)
 
 
 def test_leader_clusters_match_a_greedy_reference_on_random_boxes():
@@ -98,10 +100,10 @@ def test_leader_clusters_match_a_greedy_reference_on_random_boxes():
                                zip(rng.integers(0, 3, 60), rng.uniform(0.05, 1, 60), xy, wh, strict=True)],
                               weight=[1.0, 2.0, 0.5][m]))
     out = fuse(members, "wbf", iou=0.5)
-    boxes = np.concatenate([m.boxes for m in members])
-    scores = np.concatenate([m.scores * m.weight for m in members])
-    classes = np.concatenate([m.classes for m in members])
-    who = np.concatenate([np.full(len(m.scores), k) for k, m in enumerate(members)])
+    boxes = np.concatenate([m.detections.boxes for m in members])
+    scores = np.concatenate([m.detections.scores * m.weight for m in members])
+    classes = np.concatenate([m.detections.classes for m in members])
+    who = np.concatenate([np.full(len(m.detections), k) for k, m in enumerate(members)])
     order = np.argsort(-scores, kind="stable")
     iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(boxes)).numpy()
     leaders, clusters = [], {}
@@ -116,7 +118,7 @@ def test_leader_clusters_match_a_greedy_reference_on_random_boxes():
         w = scores[items]
         best = {k: max(scores[i] for i in items if who[i] == k) for k in set(who[items])}
         expected.append((int(classes[lead]), sum(best.values()) / 3.5, *(w @ boxes[items] / w.sum())))
-    got = sorted(zip(out["classes"].tolist(), out["scores"].tolist(), *out["boxes"].T.tolist(), strict=True))
+    got = sorted(zip(out.classes.tolist(), out.scores.tolist(), *out.boxes.T.tolist(), strict=True))
     np.testing.assert_allclose(np.array(got), np.array(sorted(expected)), rtol=1e-9, atol=1e-12)
 
 

@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     generate(root / "synth", num_train=0, num_validation=9, seed=8)
     cfg = tiny_config(root / "synth", root / "shards", "prep.splits=[validation]", "model.test.score_thresh=0.0",
-                      "train.images_per_worker=1")  # batches of one: sharding cannot change the padding
+                      "inference.images_per_batch=1")  # batches of one: sharding cannot change the padding
     run_prep(cfg.data, cfg.prep, progress=False)
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -38,11 +38,12 @@ def test_sharded_inference_equals_one_task(setup):
     _, cfg, ckpt = setup
     one = run_inference(cfg, str(ckpt), "validation", num_tasks=1, progress=False)
     three = run_inference(cfg, str(ckpt), "validation", num_tasks=3, progress=False)
-    assert one["num_images"] == three["num_images"] == 9
-    assert one["keys"] == three["keys"] and len(one["keys"]) > 0
-    np.testing.assert_allclose(one["scores"], three["scores"], rtol=1e-5)
-    np.testing.assert_allclose(one["boxes"], three["boxes"], atol=1e-4)
-    assert ((one["boxes"] >= -1e-6) & (one["boxes"] <= 1 + 1e-6)).all()  # normalized
+    assert one.num_images == three.num_images == 9
+    one, three = one.detections, three.detections
+    assert one.keys == three.keys and len(one) > 0
+    np.testing.assert_allclose(one.scores, three.scores, rtol=1e-5)
+    np.testing.assert_allclose(one.boxes, three.boxes, atol=1e-4)
+    assert ((one.boxes >= -1e-6) & (one.boxes <= 1 + 1e-6)).all()  # normalized
 
 
 def test_evaluation_writes_report_files_and_tensorboard(setup, tmp_path):
@@ -96,3 +97,61 @@ def test_an_unreadable_test_image_gets_an_empty_row_and_is_reported(setup, tmp_p
     report = json.loads((tmp_path / "submission-report.json").read_text())
     assert report["unreadable"][0]["image_id"] == victim.stem and victim.name in report["unreadable"][0]["problem"]
     assert not list(tmp_path.glob(".*.tmp"))  # published atomically, nothing left behind
+
+
+def test_one_inference_loop_feeds_evaluators_part_by_part(setup):
+    """detectron2's contract: the evaluator is reset, fed each part (a batch, a task, a rank) and
+    evaluated once; scoring the parts gives exactly what scoring the whole split gives."""
+    from pipeline.detections import Detections
+    from pipeline.evaluators import OIDEvaluator, score_detections
+    from pipeline.inference import DetectionsCollector, detect_range, inference_on_batches, shard_batches
+    from pipeline.loader import ShardDataset
+
+    _, cfg, ckpt = setup
+    model = build_model(cfg.model, load_weights=False)
+    model.load_state_dict(torch.load(ckpt / "state.pt")["model"])
+    model.eval()
+    device = torch.device("cpu")
+    whole = detect_range(model, cfg, "validation", 0, 9, 1, device)
+    parts = [detect_range(model, cfg, "validation", lo, hi, 1, device) for lo, hi in ((0, 4), (4, 9))]
+    assert isinstance(whole, Detections) and whole.num_images() == 9 and len(whole) > 0
+    assert Detections.concat(parts).keys == whole.keys
+    evaluator = OIDEvaluator(cfg, "validation")
+    evaluator.reset()
+    evaluator.process(parts[1])
+    evaluator.reset()  # a reset forgets what came before
+    for part in parts:
+        evaluator.process(part)
+    scored = evaluator.evaluate()
+    assert scored.mean_ap() == pytest.approx(score_detections(evaluator.inputs, whole).mean_ap())
+    ds = ShardDataset(cfg.data.shards, "validation", cfg.model.input.min_size, cfg.model.input.max_size)
+    seen: list[int] = []
+
+    class Counting(DetectionsCollector):  # a collector that also sees how the loop cuts the split
+        def process(self, detections: Detections) -> None:
+            seen.append(detections.num_images())
+            super().process(detections)
+
+    out = inference_on_batches(model, cfg, shard_batches(ds, 0, 9, 4), device, Counting())
+    assert seen == [4, 4, 1]  # one record per batch (batches of 4 pad differently: other boxes, same images)
+    assert list(dict.fromkeys(out.keys)) == list(dict.fromkeys(whole.keys))
+
+
+def test_inference_tasks_follow_the_inference_section_and_the_cluster(setup):
+    """Inference resources are their own config section: by default a task per GPU, or per
+    cpus_per_task CPUs of the cluster (2 here), never more tasks than images."""
+    import dataclasses
+
+    from data_prep.errors import InputError
+    from pipeline.inference import inference_plan
+
+    _, cfg, _ = setup
+    with_inference = lambda **kw: dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, **kw))  # noqa: E731
+    assert inference_plan(cfg, 9) == inference_plan(with_inference(), 9)
+    plan = inference_plan(cfg, 9)
+    assert (plan.tasks, plan.num_gpus, plan.device) == (2, 0.0, "cpu")  # the session's 2 CPUs, no GPU
+    assert inference_plan(with_inference(num_tasks=5), 9).tasks == 5
+    assert inference_plan(with_inference(num_tasks=50), 9).tasks == 9
+    assert inference_plan(with_inference(cpus_per_task=2.0), 9).tasks == 1
+    with pytest.raises(InputError, match="has no GPU"):
+        inference_plan(with_inference(use_gpu=True), 9)

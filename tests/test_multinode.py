@@ -54,7 +54,7 @@ def test_evaluation_and_submission_spread_over_both_nodes(cluster, tmp_path):
     from tsd_model.build import build_model
 
     generate(tmp_path / "synth", num_train=0, num_validation=8, seed=7)
-    cfg = tiny_config(tmp_path / "synth", tmp_path / "shards", "prep.splits=[validation]", "train.num_workers=2",
+    cfg = tiny_config(tmp_path / "synth", tmp_path / "shards", "prep.splits=[validation]", "inference.num_tasks=2",
                       "model.test.score_thresh=0.0")
     run_prep(cfg.data, cfg.prep, progress=False)
     checkpoint = tmp_path / "run" / "checkpoint_000001"
