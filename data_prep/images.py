@@ -1,9 +1,11 @@
 """Checking and normalising one image before it goes into a shard.
 
 Cheap by default, so that sharding runs at close to ``tar`` speed: the JPEG header is parsed
-(size, mode, EXIF) and the end-of-image marker is checked, which catches empty, corrupt and
-truncated files without decoding the pixels. ``verify_decode`` adds a full decode for inputs
-that are suspected to be damaged inside. Images are re-encoded only when they must change:
+(size, mode, EXIF) and the file's structure walked (``data_prep.jpeg_structure``: segments,
+scans, the entropy-coded data's markers, the end marker after the last scan), which catches
+empty, corrupt and truncated files, an EXIF thumbnail's end marker included, without decoding
+the pixels. ``verify_decode`` adds a full decode (``bench/bench_decode_check.py``: it catches
+nothing more, at 30 times the cost). Images are re-encoded only when they must change:
 non-RGB modes (grayscale, CMYK, palette, alpha) are converted to RGB, an EXIF orientation is
 applied to the pixels, an optional resize bounds the short side. Everything else keeps its
 original bytes.
@@ -18,11 +20,10 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 from data_prep import rejects as R
+from data_prep.jpeg_structure import JpegStructureError, check_jpeg_structure
 
 EXIF_ORIENTATION = 0x0112
 JPEG_SOI = b"\xff\xd8"
-JPEG_EOI = b"\xff\xd9"
-EOI_SEARCH_WINDOW = 1 << 16  # some encoders append padding or metadata after the EOI marker
 
 
 class ImageRejected(Exception):
@@ -129,11 +130,13 @@ def _exif_orientation(raw: bytes, start: int, end: int) -> int | None:
     return 1
 
 
-def _has_eoi(raw) -> bool:
-    """An end-of-image marker near the end (``raw``: any bytes-like object)."""
-    if raw[-2:] == JPEG_EOI:  # the common case, without copying the window
-        return True
-    return bytes(raw[max(0, len(raw) - EOI_SEARCH_WINDOW) :]).rfind(JPEG_EOI) >= 0
+def _check_structure(raw) -> None:
+    """``check_jpeg_structure`` as a reject: truncated, or corrupt."""
+    try:
+        check_jpeg_structure(raw)
+    except JpegStructureError as exc:
+        reason = R.TRUNCATED_IMAGE if exc.truncated else R.CORRUPT_IMAGE
+        raise ImageRejected(reason, f"JPEG of {len(raw):,} bytes: {exc}") from None
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
@@ -163,8 +166,7 @@ def check_image(
         if header.width == 0 or header.height == 0:
             raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {header.width}x{header.height}")
         _check_pixels(header.width, header.height, max_pixels)
-        if not _has_eoi(raw):
-            raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")
+        _check_structure(raw)
         target = _target_size(header.width, header.height, resize_short_side, resize_max_long_side)
         if target == (header.width, header.height):
             return CheckedImage(raw, header.width, header.height, header.width, header.height, [])
@@ -186,8 +188,8 @@ def check_image(
         raise ImageRejected(R.ZERO_SIZE_IMAGE, f"image has size {width}x{height}")
     _check_pixels(width, height, max_pixels)
     is_jpeg = image.format == "JPEG"
-    if is_jpeg and (raw[:2] != JPEG_SOI or not _has_eoi(raw)):
-        raise ImageRejected(R.TRUNCATED_IMAGE, f"JPEG of {len(raw)} bytes has no end-of-image marker")
+    if is_jpeg:
+        _check_structure(raw)
 
     changes: list[str] = []
     orientation = image.getexif().get(EXIF_ORIENTATION, 1) if is_jpeg else 1

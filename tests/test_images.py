@@ -66,15 +66,77 @@ def test_a_view_of_a_read_buffer_is_checked_like_bytes():
     assert info.value.reason == R.TRUNCATED_IMAGE
 
 
-def test_damage_inside_the_data_is_found_with_verify_decode():
+@pytest.mark.parametrize("verify", [False, True])
+def test_damage_inside_the_scan_data_is_found_without_a_decode(verify):
+    """Header and end marker intact, markers where entropy-coded data should be: the former
+    default (an end marker near the end) passed it; the structure walk does not."""
     raw = bytearray(_noise_jpeg(64, 48))
     sos = raw.find(b"\xff\xda")
     raw[sos + 20 : sos + 60] = b"\xff\xc4" * 20  # table markers where entropy-coded data should be
-    raw = bytes(raw)
-    assert check_image(raw).data == raw  # the cheap header check cannot see it
     with pytest.raises(ImageRejected) as info:
-        check_image(raw, verify_decode=True)
+        check_image(bytes(raw), verify_decode=verify)
     assert info.value.reason == R.CORRUPT_IMAGE
+
+
+def _exif_with_thumbnail(thumbnail: bytes) -> bytes:
+    """An EXIF APP1 payload by hand: a little-endian TIFF header, IFD0 (Orientation 1) and IFD1
+    pointing at a JPEG thumbnail (JPEGInterchangeFormat and its length), which follows IFD1."""
+    import struct
+
+    ifd1 = 8 + 2 + 12 + 4
+    thumb_at = ifd1 + 2 + 3 * 12 + 4
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, 1, 0)
+    tiff += struct.pack("<I", ifd1) + struct.pack("<H", 3) + struct.pack("<HHIHH", 0x0103, 3, 1, 6, 0)
+    tiff += struct.pack("<HHII", 0x0201, 4, 1, thumb_at) + struct.pack("<HHII", 0x0202, 4, 1, len(thumbnail))
+    tiff += struct.pack("<I", 0)
+    return b"Exif\x00\x00" + tiff + thumbnail
+
+
+def test_a_truncated_jpeg_with_an_exif_thumbnail_is_truncated_not_complete():
+    """The thumbnail's own end marker lies in the last 64 KiB of the cut file: the former default
+    took the file for complete and the loader failed on it; the walk wants an end marker after
+    the last scan of the image itself."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    thumb = io.BytesIO()
+    Image.fromarray(pixels[::4, ::4]).save(thumb, format="JPEG", quality=75)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90, exif=_exif_with_thumbnail(thumb.getvalue()))
+    raw = out.getvalue()
+    thumb_end = raw.find(thumb.getvalue()) + len(thumb.getvalue())
+    assert check_image(raw).data is raw  # the whole file is fine, thumbnail and all
+    cut = raw[: thumb_end + 5000]
+    assert b"\xff\xd9" in cut[-(1 << 16):]  # what fooled the former check
+    with pytest.raises(ImageRejected) as info:
+        check_image(cut)
+    assert info.value.reason == R.TRUNCATED_IMAGE
+
+
+def test_random_damage_in_the_scan_is_rejected_and_valid_variants_are_kept():
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (192, 256, 3), dtype=np.uint8)
+    variants = {}
+    for name, options in {"baseline": {}, "progressive": {"progressive": True}, "optimized": {"optimize": True},
+                          "restart markers": {"restart_marker_rows": 1}}.items():
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG", quality=90, **options)
+        variants[name] = out.getvalue()
+    for mode in ("L", "CMYK"):
+        variants[mode] = jpeg_bytes(50, 40, mode=mode)
+    for name, raw in variants.items():
+        assert check_image(raw).width in (256, 50), name  # kept (grayscale and CMYK: converted)
+    raw = variants["baseline"]
+    scan = raw.find(b"\xff\xda") + 20
+    caught = 0
+    for _ in range(20):  # 2 KiB of random bytes hold a marker-like FF xx pair but for ~e^-8 of the time
+        bad = bytearray(raw)
+        at = int(rng.integers(scan, len(raw) - 2100))
+        bad[at : at + 2048] = rng.integers(0, 256, 2048, dtype=np.uint8).tobytes()
+        try:
+            check_image(bytes(bad))
+        except ImageRejected as exc:
+            caught += exc.reason == R.CORRUPT_IMAGE
+    assert caught == 20
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
