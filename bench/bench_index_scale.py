@@ -14,7 +14,10 @@ per image (12.2M label ids), 16-hex-digit keys, ~2,000 shards. Then, each in a f
 3. forked DataLoader-style workers reading 20,000 random samples' fields: the memory each one
    holds privately (``Private_*`` in ``/proc/PID/smaps_rollup``; what fork could not share);
 4. ``GlobalBatchSampler`` for rank 0 of 64 (2 images per rank): build and one epoch's plan, for
-   the uniform, class-aware and repeat-factor samplers.
+   the uniform, class-aware and repeat-factor samplers;
+5. with the column file that ``tsd prep`` publishes beside the Parquet one: the first load on
+   another node (an empty cache: the file is copied into it and mapped, nothing decoded) and a
+   later one.
 
     python bench/bench_index_scale.py [--images 1743042]
 """
@@ -99,7 +102,8 @@ def generate(path: Path, images: int, classes: int = 500, per_image: float = 7.0
 
 
 def measure_load(directory: str) -> dict:
-    import pyarrow.parquet  # noqa: F401 - the library's own memory is not the index's
+    import pyarrow.ipc  # noqa: F401 - the library's own memory is not the index's
+    import pyarrow.parquet  # noqa: F401
 
     from data_prep.index import ShardIndex
     from data_prep.storage import open_storage
@@ -222,6 +226,16 @@ def main() -> None:
         result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "data": data,
                   "first_load_decodes_parquet": run("load"), "later_loads_map_the_cache": run("all"),
                   "legacy_lists": run("legacy")}
+        # what `tsd prep` publishes now: the column file beside the Parquet one (write_index_table)
+        import pyarrow.parquet as pq
+
+        from data_prep.index import ShardIndex, columns_name
+
+        with open(Path(d) / columns_name("train"), "wb") as f:
+            ShardIndex.from_table(pq.read_table(Path(d) / "train-index.parquet"), "bench")._write_columns(f)
+        os.environ["TSD_CACHE"] = str(Path(d) / "cache-2")  # another node: its cache empty
+        result["first_load_copies_the_published_columns"] = run("load")
+        result["later_loads_map_the_copy"] = run("load")
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

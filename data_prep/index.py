@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -30,6 +30,13 @@ INDEX_COLUMNS = ("key", "jpg_offset", "jpg_size", "json_offset", "json_size", "w
 
 def index_name(split: str) -> str:
     return f"{split}-index.parquet"
+
+
+def columns_name(split: str) -> str:
+    """The index's columns as ``ShardIndex`` holds them (uncompressed Arrow IPC), published beside
+    the Parquet file so that no process has to decode it: copied once into the node's cache and
+    memory-mapped there."""
+    return f"{split}-index.columns.arrow"
 
 
 def index_schema():
@@ -57,9 +64,13 @@ def index_table(shards: list[tuple[int, str, dict[str, list]]]):
 
 
 def write_index_table(out, split: str, table) -> int:
-    """Publish a split's index table (Parquet) into the shards' storage; returns its rows."""
+    """Publish a split's index into the shards' storage, as its column file (what loads read) and
+    as Parquet (the portable table, for pandas and people); returns its rows."""
     import pyarrow.parquet as pq
 
+    columns = io.BytesIO()
+    ShardIndex.from_table(table, out.uri(index_name(split)))._write_columns(columns)
+    out.put_bytes(columns_name(split), columns.getvalue())
     buf = io.BytesIO()
     pq.write_table(table, buf)
     out.put_bytes(index_name(split), buf.getvalue())
@@ -159,6 +170,23 @@ class ShardIndex:
         name = index_name(split)
         if not storage.exists(name):
             raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
+        published = columns_name(split)
+        if storage.exists(published):  # written by prep with the Parquet file: nothing to decode
+            # copied into the node's cache first, also from a local disk: a mapped file that someone
+            # overwrites in place (cp, a sync tool) would kill every process mapping it (SIGBUS);
+            # the cache file is only ever replaced by a rename
+            path = _cache_path(storage, published) if cache else None
+            if path is None:
+                return cls._mapped(io.BytesIO(storage.read_bytes(published)))._checked(storage.uri(published))
+            if not path.is_file():
+                from data_prep.storage import write_atomically
+
+                def copy(file) -> None:
+                    for chunk in storage.iter_bytes(published):
+                        file.write(chunk)
+
+                write_atomically(path, copy)
+            return cls._mapped(path)._checked(storage.uri(published))
         path = _cache_path(storage, name) if cache else None
         if path is not None and path.is_file():
             try:
@@ -191,12 +219,14 @@ class ShardIndex:
 
     @classmethod
     def _mapped(cls, path) -> ShardIndex:
-        """An index whose columns are views of a memory-mapped cache file (no copy)."""
+        """An index whose columns are views of a memory-mapped column file (no copy); or of an
+        in-memory one (a file object)."""
         import json
 
         import pyarrow as pa
 
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        source = pa.memory_map(str(path), "r") if isinstance(path, str | Path) else path
+        table = pa.ipc.open_file(source).read_all()
         names = tuple(json.loads(table.schema.metadata[b"shard_names"]))
 
         def col(name: str):
@@ -211,11 +241,30 @@ class ShardIndex:
                    numbers("json_start"), numbers("length"), numbers("width"), numbers("height"),
                    LabelSets(_view(labels.values), _view(labels.offsets)))
 
+    def _checked(self, where: str) -> ShardIndex:
+        """The index, after the checks every index read from storage passes (a published column
+        file is read as it is, like the Parquet file)."""
+        _check_shard_names(self.shard_names, where)
+        if len(self) and (self.json_starts.min() < 0 or (self.json_starts > self.lengths).any()):
+            raise InputError(f"{where}: sample positions are not those `tsd prep` writes")
+        return self
+
+    @classmethod
+    def from_table(cls, table, where: str) -> ShardIndex:
+        """The index of an in-memory index table (``index_table``), checked as a read one is."""
+        import pyarrow as pa
+
+        def column(col: str):
+            if not table.num_rows:
+                return None
+            values = table.column(col).combine_chunks()
+            return values.dictionary_encode() if col == "shard" and not pa.types.is_dictionary(values.type) else values
+
+        return cls._from_columns(column, where)
+
     @classmethod
     def _decode(cls, storage, name: str) -> ShardIndex:
         """The index decoded from its Parquet file (checked: shard names, positions)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         source = storage.local_path(name) if hasattr(storage, "local_path") else io.BytesIO(storage.read_bytes(name))
@@ -227,6 +276,14 @@ class ShardIndex:
             table = file.read(columns=[col])
             return table.column(0).combine_chunks() if table.num_rows else None
 
+        return cls._from_columns(column, storage.uri(name))
+
+    @classmethod
+    def _from_columns(cls, column, where: str) -> ShardIndex:
+        """The index from ``column(name)``: one Arrow array per index column (None when empty)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         def numbers(col: str, dtype) -> np.ndarray:
             values = column(col)
             return np.zeros(0, dtype) if values is None else _view(values).astype(dtype)
@@ -235,17 +292,14 @@ class ShardIndex:
         if shard_column is None:
             shard_column = pc.dictionary_encode(pa.array([], pa.string()))
         names = tuple(shard_column.dictionary.to_pylist())
-        for shard in names:  # names come from a file: they must stay inside the shards' root
-            if not isinstance(shard, str) or not shard or shard != PurePosixPath(shard).name or shard in (".", ".."):
-                raise InputError(f"{storage.uri(name)}: shard name {shard!r} is not a file name inside the "
-                                 f"shards' root (an index names its shards as `tsd prep` wrote them)")
+        _check_shard_names(names, where)
         shard_ids = _view(shard_column.indices).astype(np.int32)
         shard_column = None
         starts = numbers("jpg_offset", np.int64)
         json_starts = numbers("json_offset", np.int64) - starts
         lengths = json_starts + numbers("json_size", np.int64)
         if len(lengths) and (lengths.max() >= 2**31 or json_starts.min() < 0):
-            raise InputError(f"{storage.uri(name)}: sample positions are not those `tsd prep` writes")
+            raise InputError(f"{where}: sample positions are not those `tsd prep` writes")
         labels = column("labels")
         label_sets = (LabelSets(np.zeros(0, np.int16), np.zeros(1, np.int64)) if labels is None else
                       LabelSets(_view(labels.values).copy(), _view(labels.offsets).astype(np.int64)))
@@ -256,6 +310,14 @@ class ShardIndex:
                     numbers("width", np.int32), numbers("height", np.int32), label_sets)
         pa.default_memory_pool().release_unused()  # the decoders' buffers go back to the system
         return index
+
+
+def _check_shard_names(names, where: str) -> None:
+    """Names come from a file: they must stay inside the shards' root."""
+    for shard in names:
+        if not isinstance(shard, str) or not shard or shard != PurePosixPath(shard).name or shard in (".", ".."):
+            raise InputError(f"{where}: shard name {shard!r} is not a file name inside the shards' root (an "
+                             f"index names its shards as `tsd prep` wrote them)")
 
 
 def _view(array) -> np.ndarray:
@@ -274,14 +336,10 @@ _NUMPY = {name: np.dtype(name) for name in ("int8", "int16", "int32", "int64", "
 
 
 def _cache_path(storage, name: str):
-    """The node-local cache file of an index, named by its address, size and (local files) mtime,
-    so that a re-made index is never read from a stale cache."""
+    """The node-local cache file of an index, named by its address and version (size and mtime,
+    or ETag), so that a re-made index is never read from a stale cache."""
     import hashlib
     import os
-    from pathlib import Path
 
-    stamp = ""
-    if hasattr(storage, "local_path"):
-        stamp = str(os.stat(storage.local_path(name)).st_mtime_ns)
-    tag = hashlib.sha256(f"{storage.uri(name)}|{storage.size(name)}|{stamp}|columns-v1".encode()).hexdigest()[:20]
+    tag = hashlib.sha256(f"{storage.uri(name)}|{storage.version(name)}|columns-v1".encode()).hexdigest()[:20]
     return Path(os.environ.get("TSD_CACHE") or Path.home() / ".cache" / "tsd") / "index" / f"{tag}.arrow"

@@ -83,6 +83,11 @@ class Storage:
         against it and keeps it (``stored_crc32``)."""
         raise NotImplementedError
 
+    def version(self, name: str) -> str:
+        """What changes when the object is written again (size and mtime; size and ETag on S3):
+        node-local caches of an object are named by it."""
+        raise NotImplementedError
+
     #: whether the store keeps a whole-object checksum it reports without a download (S3)
     keeps_checksums = False
 
@@ -238,6 +243,10 @@ class LocalStorage(Storage):
     def put_bytes(self, name: str, data: bytes) -> None:
         self._atomic_write(name, lambda f: f.write(data))
 
+    def version(self, name: str) -> str:
+        info = self._path(name).stat()
+        return f"{info.st_size}|{info.st_mtime_ns}"
+
     def iter_bytes(self, name: str, chunk: int = 8 << 20) -> Iterator[bytes]:
         with open(self._path(name), "rb") as f:
             while data := f.read(chunk):
@@ -354,6 +363,10 @@ class S3Storage(Storage):
         self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
     keeps_checksums = True
+
+    def version(self, name: str) -> str:
+        head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        return f"{head['ContentLength']}|{head.get('ETag', '')}"
 
     def stored_crc32(self, name: str) -> str | None:
         head = self.client.head_object(Bucket=self.bucket, Key=self._key(name), ChecksumMode="ENABLED")

@@ -8,7 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.errors import InputError
-from data_prep.index import LabelSets, ShardIndex, index_name, index_schema, index_table, write_index_table
+from data_prep.index import (
+    LabelSets,
+    ShardIndex,
+    columns_name,
+    index_name,
+    index_schema,
+    index_table,
+    write_index_table,
+)
 from data_prep.storage import open_storage
 from pipeline.sampler import GlobalBatchSampler, SamplerSpec
 
@@ -39,19 +47,54 @@ def test_written_and_read_back_with_one_schema(tmp_path):
     assert part.shard(0) == "train-000001.tar" and part.starts.tolist() == [10**10 + 1536, 1536]
 
 
+def _parquet_only(out, table) -> None:
+    """An index as shards prepared before the column file have it: the Parquet file alone."""
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out.put_bytes(index_name("train"), buf.getvalue())
+    out.delete(columns_name("train"))
+
+
+def test_the_published_column_file_is_mapped_where_it_lies_and_copied_once_from_s3(tmp_path, monkeypatch,
+                                                                                  s3_server, s3_bucket):
+    """Prep publishes the index's columns beside the Parquet file: a load copies it once into the
+    node cache and maps it there (nothing decoded; a file overwritten in place under a mapping
+    would kill the process, the cache is only replaced by renames); a re-made index (new mtime,
+    new ETag) is copied again, never read stale."""
+    monkeypatch.setenv("TSD_CACHE", str(tmp_path / "cache"))
+    table = index_table([(0, "train-000000.tar", _columns(["a", "b"], [[3], [4, 5]]))])
+    local = open_storage(str(tmp_path / "shards"))
+    write_index_table(local, "train", table)
+    ix = ShardIndex.load(local, "train")
+    assert ix.key_list() == ["a", "b"] and not ix.starts.flags.writeable  # a view of the mapped file
+    (cached,) = (tmp_path / "cache" / "index").glob("*.arrow")
+    assert cached.read_bytes() == (tmp_path / "shards" / columns_name("train")).read_bytes()
+    (tmp_path / "shards" / columns_name("train")).write_bytes(b"")  # overwritten in place: the mapping lives on
+    assert ix.key_list() == ["a", "b"] and ix.starts.tolist() == [1536, 3072]
+    s3 = open_storage(f"s3://{s3_bucket}/shards", s3_server)
+    write_index_table(s3, "train", table)
+    assert ShardIndex.load(s3, "train").key_list() == ["a", "b"]
+    assert len(list((tmp_path / "cache" / "index").glob("*.arrow"))) == 2
+    write_index_table(s3, "train", index_table([(0, "train-000000.tar", _columns(["z", "y"], [[1], [2]]))]))
+    assert ShardIndex.load(s3, "train").key_list() == ["z", "y"]  # same size, new ETag: copied again
+    assert ShardIndex.load(s3, "train", cache=False).key_list() == ["z", "y"]
+
+
 def test_the_node_local_cache_is_mapped_rebuilt_when_stale_and_survives_damage(tmp_path, monkeypatch):
     import os
 
     monkeypatch.setenv("TSD_CACHE", str(tmp_path / "cache"))
     out = open_storage(str(tmp_path / "shards"))
-    write_index_table(out, "train", index_table([(0, "train-000000.tar", _columns(["a", "b"], [[3], [4, 5]]))]))
+    _parquet_only(out, index_table([(0, "train-000000.tar", _columns(["a", "b"], [[3], [4, 5]]))]))
     first = ShardIndex.load(out, "train")
     (cached,) = (tmp_path / "cache" / "index").glob("*.arrow")
     again = ShardIndex.load(out, "train")
     assert again.key_list() == ["a", "b"] and [again.labels[i].tolist() for i in range(2)] == [[3], [4, 5]]
     assert not again.starts.flags.writeable  # a view of the mapped file, not a copy
     np.testing.assert_array_equal(again.starts, first.starts)
-    write_index_table(out, "train", index_table([(0, "train-000000.tar", _columns(["c"], [[9]]))]))  # re-made
+    _parquet_only(out, index_table([(0, "train-000000.tar", _columns(["c"], [[9]]))]))  # re-made
     os.utime(tmp_path / "shards" / index_name("train"), ns=(1, 1))
     assert ShardIndex.load(out, "train").key_list() == ["c"]  # never the stale cache
     cached.write_bytes(b"garbage")
@@ -66,9 +109,11 @@ def test_positions_that_prep_cannot_write_are_refused(tmp_path):
     cols = _columns(["a"], [[1]])
     cols["json_offset"] = [10]  # before the jpg data
     out = open_storage(str(tmp_path))
-    write_index_table(out, "train", index_table([(0, "train-000000.tar", cols)]))
     with pytest.raises(InputError, match="sample positions are not those `tsd prep` writes"):
-        ShardIndex.load(out, "train")
+        write_index_table(out, "train", index_table([(0, "train-000000.tar", cols)]))  # prep refuses to publish it
+    _parquet_only(out, index_table([(0, "train-000000.tar", cols)]))
+    with pytest.raises(InputError, match="sample positions are not those `tsd prep` writes"):
+        ShardIndex.load(out, "train")  # and a load refuses to read it
 
 
 def test_label_sets_map_take_and_count():

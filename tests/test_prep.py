@@ -311,9 +311,24 @@ def test_an_index_cannot_point_outside_the_shards_root(prepared, tmp_path, bad):
     from data_prep.errors import InputError
     from pipeline.loader import ShardDataset
 
+    import dataclasses
+
+    from data_prep.index import ShardIndex, columns_name
+    from data_prep.storage import open_storage
+
     out, _ = prepared
     copy = tmp_path / "shards"
     shutil.copytree(out, copy)
+    # the column file that loads map, made by hand with a bad name
+    good = ShardIndex.load(open_storage(str(copy)), "train", cache=False)
+    tampered = dataclasses.replace(good, shard_names=(bad, *good.shard_names[1:]))
+    with open(copy / columns_name("train"), "wb") as f:
+        tampered._write_columns(f)
+    with pytest.raises(InputError, match=r"train-index.columns.arrow: shard name .* is not a file name inside the "
+                                         r"shards' root"):
+        ShardDataset(str(copy), "train", 160, 224)
+    # the Parquet file alone (shards prepared before the column file)
+    (copy / columns_name("train")).unlink()
     index = copy / "train-index.parquet"
     table = pq.read_table(index)
     shards = table.column("shard").to_pylist()
