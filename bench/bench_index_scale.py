@@ -190,6 +190,15 @@ def measure_samplers(index, world: int = 64, per_rank: int = 2) -> list[dict]:
 
 
 def child(directory: str, what: str) -> None:
+    if what == "columns":  # in a child: the parent stays small (a child inherits its peak RSS)
+        import pyarrow.parquet as pq
+
+        from data_prep.index import ShardIndex, columns_name
+
+        with open(Path(directory) / columns_name("train"), "wb") as f:
+            ShardIndex.from_table(pq.read_table(Path(directory) / "train-index.parquet"), "bench")._write_columns(f)
+        print("{}")
+        return
     if what == "legacy":
         print(json.dumps(measure_legacy(directory)))
         return
@@ -226,13 +235,7 @@ def main() -> None:
         result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "data": data,
                   "first_load_decodes_parquet": run("load"), "later_loads_map_the_cache": run("all"),
                   "legacy_lists": run("legacy")}
-        # what `tsd prep` publishes now: the column file beside the Parquet one (write_index_table)
-        import pyarrow.parquet as pq
-
-        from data_prep.index import ShardIndex, columns_name
-
-        with open(Path(d) / columns_name("train"), "wb") as f:
-            ShardIndex.from_table(pq.read_table(Path(d) / "train-index.parquet"), "bench")._write_columns(f)
+        run("columns")  # what `tsd prep` publishes now: the column file beside the Parquet one
         os.environ["TSD_CACHE"] = str(Path(d) / "cache-2")  # another node: its cache empty
         result["first_load_copies_the_published_columns"] = run("load")
         result["later_loads_map_the_copy"] = run("load")
