@@ -119,12 +119,27 @@ def _errors(address: str, describe):
         raise JobError(_explained(address, exc) or describe(_first_line(exc))) from None
 
 
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # what Ray's client prefers to its argument
+
+
+@contextlib.contextmanager
+def _without_address_variables():
+    """Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given; the
+    CLI has already chosen (``--address``, else $RAY_ADDRESS), so the given address must win."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     verify = _verify(address)
     # connection refused, wrong address, TLS, auth: the constructor already asks the server for its version
-    with _errors(address, lambda why: f"cannot reach the Ray job server at {address} ({why})"):
+    with _errors(address, lambda why: f"cannot reach the Ray job server at {address} ({why})"), \
+            _without_address_variables():
         return JobSubmissionClient(address, verify=verify)
 
 

@@ -244,3 +244,15 @@ def test_a_job_command_needs_an_address(capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["job", "list"]) == 2
     assert "give --address http://HEAD:8265 or set RAY_ADDRESS" in capsys.readouterr().err
+
+
+def test_an_explicit_address_wins_over_ray_address(monkeypatch):
+    """Ray's client silently prefers $RAY_ADDRESS to the address it is given: `tsd job --address X`
+    went to the cluster of $RAY_ADDRESS. The address the CLI chose is the one used."""
+    from cluster.jobs import JobError, _client
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    with pytest.raises(JobError) as info:
+        _client("http://127.0.0.1:7")  # nothing listens on either
+    assert "127.0.0.1:7" in str(info.value).split("(", 1)[1] and "127.0.0.1:9" not in str(info.value)
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"  # left as it was
