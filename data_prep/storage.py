@@ -150,20 +150,12 @@ def write_atomically(target: str | os.PathLike, writer: Callable[[BinaryIO], obj
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_directory(target.parent)
+    fsync_path(target.parent)
 
 
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a finished file's data to the disk (before it is renamed into place)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_directory(path: str | os.PathLike) -> None:
-    """Flush a directory's entries, so that a rename into it survives a crash."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a finished file's data to the disk (before it is renamed into place), or a directory's
+    entries (so that a rename into it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -255,14 +247,14 @@ class LocalStorage(Storage):
     def put_file(self, name: str, local_path: str | os.PathLike, crc32: str | None = None) -> None:
         target = self._path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fsync_file(local_path)  # the data on disk before the name points at it...
+        fsync_path(local_path)  # the data on disk before the name points at it...
         try:
             os.replace(local_path, target)  # same filesystem: an atomic rename
         except OSError:  # another filesystem: copied, fsynced and renamed there
             with open(local_path, "rb") as src:
                 self._atomic_write(name, lambda f: shutil.copyfileobj(src, f, 1 << 20))
             return
-        fsync_directory(target.parent)  # ...and the rename itself durable
+        fsync_path(target.parent)  # ...and the rename itself durable
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
@@ -299,25 +291,32 @@ class S3Storage(Storage):
         self.root = root.rstrip("/")
         self.bucket, self.prefix = split_s3(root)
         self.endpoint_url = endpoint_url
-        self._client = None
+        self._owned: tuple[int, object] | None = None  # (pid, boto3 client): the client of that process
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_client"] = None  # boto3 clients do not pickle; each process makes its own
+        state["_owned"] = None  # boto3 clients do not pickle; each process makes its own
         return state
 
     @property
     def client(self):
-        if self._client is None:
+        # A forked process (a DataLoader worker) inherits the parent's client and its pool of open
+        # keep-alive connections: two processes on one socket read each other's responses, and a
+        # sample gets another request's bytes. Each process makes its own client; (pid, client) is
+        # one attribute, replaced in one assignment, so that no thread of a new process can see
+        # its pid beside the parent's client (threads that come first may each make one: harmless).
+        owned = self._owned
+        if owned is None or owned[0] != os.getpid():
             import boto3
             from botocore.config import Config
 
             # retries with backoff for S3's throttling (503 SlowDown) and dropped connections, and a
             # connection pool for the loader's read-ahead threads (botocore's default is 10)
-            self._client = boto3.client("s3", endpoint_url=self.endpoint_url or None, config=Config(
+            owned = (os.getpid(), boto3.client("s3", endpoint_url=self.endpoint_url or None, config=Config(
                 retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
-                max_pool_connections=S3_MAX_POOL_CONNECTIONS))
-        return self._client
+                max_pool_connections=S3_MAX_POOL_CONNECTIONS)))
+            self._owned = owned
+        return owned[1]
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -129,3 +129,37 @@ def test_a_published_shard_is_on_disk_before_its_name_and_the_rename_is_durable(
     target = str(root / "train-000000.tar")
     assert events == [("fsync", str(staged)), ("rename", target), ("fsync", str(root))]
     assert (root / "train-000000.tar").read_bytes() == b"x" * 4096
+
+
+def test_a_forked_process_makes_its_own_s3_client(s3_server, s3_bucket):
+    """DataLoader workers are forked after the dataset's storage has made its client: sharing its
+    keep-alive connections, two processes read each other's responses (a sample got another
+    request's bytes through a keep-alive endpoint). The child must use a client of its own."""
+    import multiprocessing
+
+    store = open_storage(f"s3://{s3_bucket}/fork", endpoint_url=s3_server)
+    store.put_bytes("a.bin", b"x" * 100)
+    parent_client = id(store.client)
+
+    def child(queue) -> None:
+        import threading
+
+        start, seen = threading.Barrier(8), []
+
+        def first_use() -> None:  # the read-ahead threads of a fresh loader process, all at once
+            start.wait()
+            seen.append(id(store.client))
+
+        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        queue.put((parent_client not in seen, store.read_range("a.bin", 10, 5)))
+
+    queue = multiprocessing.get_context("fork").Queue()
+    proc = multiprocessing.get_context("fork").Process(target=child, args=(queue,))
+    proc.start()
+    own_client, data = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert own_client and data == b"xxxxx"
