@@ -8,7 +8,9 @@ second over the whole split, side by side in one run:
 
 - the same shards on local disk;
 - S3 at 0, 25 and 50 ms per request, with the loader's read-ahead (``loader.read_ahead`` range
-  requests in flight per worker) and without it (one synchronous request per sample, as before).
+  requests in flight per worker) and without it (one synchronous request per sample, as before),
+  served by moto and by ``range_server.py`` (the same objects; moto's per-request Python shares
+  the two cores with the loader, the range server hardly works, so its rows show the loader).
 
     python bench/bench_s3_latency.py [--images 300]
 """
@@ -16,9 +18,11 @@ second over the whole split, side by side in one run:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,6 +103,12 @@ def main() -> None:
         for f in sorted((work / "shards").iterdir()):
             if f.is_file():
                 client.upload_file(str(f), "bench", f"shards/{f.name}")
+        # the same objects served by range_server.py (no per-request work of its own to speak of)
+        shutil.copytree(work / "shards", work / "s3root" / "bench" / "shards")
+        server = subprocess.Popen([sys.executable, str(REPO / "bench" / "range_server.py"), "--root",
+                                   str(work / "s3root")], stdout=subprocess.PIPE, text=True)
+        procs.append(server)
+        endpoints = {"moto": s3_port, "range server": int(server.stdout.readline())}
         rows = []
         for read_ahead in (0, 16):
             local = load_config(REPO / "configs" / "tiny.yaml", [*base, f"loader.read_ahead={read_ahead}"])
@@ -106,16 +116,17 @@ def main() -> None:
                 rows.append({"storage": "local disk", "read_ahead": "-",
                              "images_per_s": round(rate(local, str(work / "shards"), None), 1)})
                 print(json.dumps(rows[-1]), flush=True)
-            for ms in [float(x) for x in args.latencies.split(",")]:
+            for (server_name, upstream), ms in itertools.product(endpoints.items(),
+                                                                 [float(x) for x in args.latencies.split(",")]):
                 proxy = subprocess.Popen([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
-                                          str(s3_port), "--latency-ms", str(ms)], stdout=subprocess.PIPE, text=True)
+                                          str(upstream), "--latency-ms", str(ms)], stdout=subprocess.PIPE, text=True)
                 port = int(proxy.stdout.readline())
                 try:
                     value = rate(local, "s3://bench/shards", f"http://127.0.0.1:{port}")
                 finally:
                     proxy.terminate()
                     proxy.wait()
-                rows.append({"storage": f"S3 (moto) + {ms:g} ms per request", "read_ahead": read_ahead,
+                rows.append({"storage": f"S3 ({server_name}) + {ms:g} ms per request", "read_ahead": read_ahead,
                              "images_per_s": round(value, 1)})
                 print(json.dumps(rows[-1]), flush=True)
         local_rate = next(r["images_per_s"] for r in rows if r["storage"] == "local disk")
@@ -129,8 +140,6 @@ def main() -> None:
     finally:
         for p in procs:
             p.terminate()
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,23 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, seconds: float = 20) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def _throughput(fn, data: bytes, rounds: int = 3) -> float:
@@ -70,6 +53,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "verify.json"))
     args = parser.parse_args()
     import boto3
+    from bench_s3_latency import _free_port, _wait_port
 
     from data_prep.storage import open_storage
     from data_prep.verify import verify_shards

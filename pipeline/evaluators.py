@@ -1,8 +1,9 @@
 """Evaluators of detections (``pipeline.inference.DatasetEvaluator``): the official OID metric on a
 split's CSVs, and COCO AP on a split's instances JSON.
 
-Both take the ``Detections`` parts of an inference run through ``process`` (per batch, per Ray
-task, per training rank: the contract does not care) and score the whole in ``evaluate``.
+Both collect the ``Detections`` parts of an inference run through ``process`` (per batch, per Ray
+task, per training rank: the contract does not care), as ``DetectionsCollector`` does, and score
+the whole in ``evaluate``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from data_prep.prep import resolve
 from data_prep.storage import open_storage
 from pipeline.config import ExperimentConfig
 from pipeline.detections import Detections
-from pipeline.inference import DatasetEvaluator
+from pipeline.inference import DetectionsCollector
 
 
 def split_ground_truth(cfg: ExperimentConfig, split: str):
@@ -72,47 +73,35 @@ class OIDEvaluation:
         return self.result.mean_ap(threshold)
 
 
-class OIDEvaluator(DatasetEvaluator):
+class OIDEvaluator(DetectionsCollector):
     """The challenge metric of a configured split; its ground truth is read once, at construction."""
 
     def __init__(self, cfg: ExperimentConfig, split: str, thresholds=(0.5,), keep_curves: bool = False) -> None:
+        super().__init__()
         self.inputs = split_ground_truth(cfg, split)
         self.thresholds, self.keep_curves = tuple(thresholds), keep_curves
-        self._parts: list[Detections] = []
-
-    def reset(self) -> None:
-        self._parts = []
-
-    def process(self, detections: Detections) -> None:
-        self._parts.append(detections)
 
     def evaluate(self) -> OIDEvaluation:
-        detections = Detections.concat(self._parts)
+        detections = super().evaluate()
         result = score_detections(self.inputs, detections, self.thresholds, self.keep_curves)
         return OIDEvaluation(result, self.inputs, detections)
 
 
-class COCOEvaluator(DatasetEvaluator):
+class COCOEvaluator(DetectionsCollector):
     """COCO AP (pycocotools' COCOeval, bbox) against a split's instances JSON."""
 
     def __init__(self, cfg: ExperimentConfig, split: str) -> None:
         from data_prep.coco_files import coco_label_space, load_coco
 
+        super().__init__()
         files = cfg.data.splits.get(split)
         if files is None or not files.boxes:
             raise InputError(f"data.splits.{split}: evaluation needs the split's instances JSON")
         self.gt = load_coco(resolve(cfg.data.root, files.boxes), cfg.data.s3_endpoint_url)
         self.labels, _ = coco_label_space(resolve(cfg.data.root, cfg.data.classes), cfg.data.s3_endpoint_url)
-        self._parts: list[Detections] = []
-
-    def reset(self) -> None:
-        self._parts = []
-
-    def process(self, detections: Detections) -> None:
-        self._parts.append(detections)
 
     def evaluate(self) -> dict:
         from pipeline.coco_metric import coco_eval_file
 
-        d = Detections.concat(self._parts)
+        d = super().evaluate()
         return coco_eval_file(self.gt, d.keys, self.labels.mids, d.classes, d.scores, d.boxes)

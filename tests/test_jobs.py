@@ -72,18 +72,24 @@ def _stop_head(proc) -> None:
 @pytest.fixture(scope="module")
 def head():
     proc, address = _start_head({"RAY_AUTH_MODE": "disabled"})
-    deadline = time.monotonic() + 120
-    while True:  # the dashboard port opens before the job server answers
-        try:
-            jobs.list_jobs(address)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                _stop_head(proc)
-                pytest.fail("the Ray job server did not answer")
-            time.sleep(1)
+    _wait_for_job_server(proc, lambda: jobs.list_jobs(address) is not None, "the Ray job server")
     yield address
     _stop_head(proc)
+
+
+def _wait_for_job_server(proc, answers, what: str) -> None:
+    """Until ``answers()`` is true (the dashboard port opens before the job server answers)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if answers():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if time.monotonic() > deadline:
+            _stop_head(proc)
+            pytest.fail(f"{what} did not answer")
+        time.sleep(1)
 
 
 @pytest.fixture(scope="class")
@@ -93,18 +99,9 @@ def token_head():
     import requests
 
     proc, address = _start_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN})
-    deadline = time.monotonic() + 120
-    while True:  # the dashboard port opens before the job server answers
-        try:
-            if requests.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {TOKEN}"},
-                            timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            _stop_head(proc)
-            pytest.fail("the Ray job server (token authentication) did not answer")
-        time.sleep(1)
+    _wait_for_job_server(proc, lambda: requests.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {TOKEN}"},
+                                                    timeout=5).status_code == 200,
+                         "the Ray job server (token authentication)")
     yield address
     _stop_head(proc)
 
