@@ -305,16 +305,15 @@ def test_source_reader_reads_whole_files_of_any_size_into_their_members(tmp_path
 
 @pytest.mark.parametrize("bad", ["/etc/hostname", "../outside.tar", "sub/train-000000.tar", ""])
 def test_an_index_cannot_point_outside_the_shards_root(prepared, tmp_path, bad):
+    import dataclasses
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from data_prep.errors import InputError
-    from pipeline.loader import ShardDataset
-
-    import dataclasses
-
     from data_prep.index import ShardIndex, columns_name
     from data_prep.storage import open_storage
+    from pipeline.loader import ShardDataset
 
     out, _ = prepared
     copy = tmp_path / "shards"
