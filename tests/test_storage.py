@@ -163,3 +163,23 @@ def test_a_forked_process_makes_its_own_s3_client(s3_server, s3_bucket):
     own_client, data = queue.get(timeout=60)
     proc.join(timeout=60)
     assert own_client and data == b"xxxxx"
+
+
+def test_ranged_reads_through_presigned_urls_equal_boto3s(s3_server, s3_bucket):
+    """The loader's ranged reads skip botocore's per-request Python (a presigned URL per object and
+    a plain connection pool): the same bytes as boto3's ranged GET, at the start, in the middle, at
+    the end and past the end of an object, and a missing object is boto3's error."""
+    import boto3
+
+    store = open_storage(f"s3://{s3_bucket}/ranged", endpoint_url=s3_server)
+    data = bytes(range(256)) * 40
+    store.put_bytes("obj.bin", data)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    for offset, length in ((0, 10), (0, len(data)), (1000, 513), (len(data) - 7, 7), (len(data) - 7, 100)):
+        expected = client.get_object(Bucket=s3_bucket, Key="ranged/obj.bin",
+                                     Range=f"bytes={offset}-{offset + length - 1}")["Body"].read()
+        assert store.read_range("obj.bin", offset, length) == expected == data[offset:offset + length]
+    store.put_bytes("obj.bin", data[::-1])  # the same URL serves the new object
+    assert store.read_range("obj.bin", 0, 5) == data[::-1][:5]
+    with pytest.raises(Exception, match="NoSuchKey|Not Found|404"):
+        store.read_range("missing.bin", 0, 10)
