@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--latencies", default="0,25,50")
+    parser.add_argument("--paired-rounds", type=int, default=5,
+                        help="then local disk and the range server + 25 ms back to back, this many times")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "s3_latency.json"))
     args = parser.parse_args()
     import boto3
@@ -129,10 +132,29 @@ def main() -> None:
                 rows.append({"storage": f"S3 ({server_name}) + {ms:g} ms per request", "read_ahead": read_ahead,
                              "images_per_s": round(value, 1)})
                 print(json.dumps(rows[-1]), flush=True)
+        # the goal's ratio, measured pair by pair: this machine's speed drifts by 20 % within minutes
+        paired = []
+        fast = load_config(REPO / "configs" / "tiny.yaml", [*base, "loader.read_ahead=16"])
+        proxy = subprocess.Popen([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
+                                  str(endpoints["range server"]), "--latency-ms", "25"], stdout=subprocess.PIPE,
+                                 text=True)
+        port = int(proxy.stdout.readline())
+        try:
+            for _ in range(args.paired_rounds):
+                disk = rate(fast, str(work / "shards"), None)
+                remote = rate(fast, "s3://bench/shards", f"http://127.0.0.1:{port}")
+                paired.append({"local_disk": round(disk, 1), "range_server_25ms": round(remote, 1),
+                               "ratio": round(remote / disk, 3)})
+                print(json.dumps(paired[-1]), flush=True)
+        finally:
+            proxy.terminate()
+            proxy.wait()
         local_rate = next(r["images_per_s"] for r in rows if r["storage"] == "local disk")
         for r in rows:
             r["vs_local_disk"] = round(r["images_per_s"] / local_rate, 3)
         result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": args.images,
+                  "paired_rounds": paired,
+                  "paired_median_ratio": statistics.median(p["ratio"] for p in paired) if paired else None,
                   "loader_workers": 2, "batch": 2, "image": "1024x768 JPEG, resized to 800 shorter side", "rows": rows}
         print(json.dumps(result, indent=1))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
