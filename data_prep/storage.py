@@ -356,21 +356,21 @@ class S3Storage(Storage):
         retries of throttling and server errors with backoff. A refused signature (expired
         credentials) signs again once; any other failure is asked again through boto3, whose
         errors say what is wrong."""
-        pid, http, urls = self._ranged_reader()
+        _, http, urls = self._ranged_reader()
+        rng = f"bytes={offset}-{offset + length - 1}"
         for attempt in range(2):
             made, url = urls.get(name, (0.0, ""))
             if time.monotonic() - made > PRESIGNED_TTL_S / 2:
                 made, url = time.monotonic(), self.client.generate_presigned_url(
                     "get_object", Params={"Bucket": self.bucket, "Key": self._key(name)}, ExpiresIn=PRESIGNED_TTL_S)
                 urls[name] = (made, url)
-            answer = http.request("GET", url, headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+            answer = http.request("GET", url, headers={"Range": rng})
             if answer.status == 206 or (answer.status == 200 and offset == 0):
                 return answer.data if answer.status == 206 else answer.data[:length]
             if answer.status in (400, 403) and attempt == 0:
                 urls.pop(name, None)  # credentials renewed since the URL was signed: sign again
                 continue
             break
-        rng = f"bytes={offset}-{offset + length - 1}"
         return self.client.get_object(Bucket=self.bucket, Key=self._key(name), Range=rng)["Body"].read()
 
     def _ranged_reader(self):

@@ -38,14 +38,20 @@ from pipeline.inference import (
 )
 
 
-def _infer_shard_range(cfg_dict: dict, split: str, checkpoint: str, start: int, stop: int, device: str
-                       ) -> Detections:
-    """One task: detections of the split's images ``[start, stop)``."""
+def _task_model(cfg_dict: dict, checkpoint: str, device: str):
+    """In an inference task: the member's config, its model with the checkpoint's weights, and the
+    device the task was given (``InferencePlan.device``)."""
     from pipeline.config import from_dict
 
     cfg = from_dict(ExperimentConfig, cfg_dict)
     dev = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
-    model = load_model_for_inference(cfg, checkpoint, dev)
+    return cfg, load_model_for_inference(cfg, checkpoint, dev), dev
+
+
+def _infer_shard_range(cfg_dict: dict, split: str, checkpoint: str, start: int, stop: int, device: str
+                       ) -> Detections:
+    """One task: detections of the split's images ``[start, stop)``."""
+    cfg, model, dev = _task_model(cfg_dict, checkpoint, device)
     return detect_range(model, cfg, split, start, stop, cfg.inference.images_per_batch, dev)
 
 
@@ -55,11 +61,7 @@ def _infer_files(cfg_dict: dict, checkpoint: str, images: str, files: list[tuple
     problem)`` for each image that cannot be read (it gets an empty row)."""
     from PIL import Image
 
-    from pipeline.config import from_dict
-
-    cfg = from_dict(ExperimentConfig, cfg_dict)
-    dev = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
-    model = load_model_for_inference(cfg, checkpoint, dev)
+    cfg, model, dev = _task_model(cfg_dict, checkpoint, device)
     storage = open_storage(images, cfg.data.s3_endpoint_url)
     problems: list[tuple[str, str]] = []
 

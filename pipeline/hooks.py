@@ -168,22 +168,52 @@ class PeriodicEvaluator(HookBase):
     def __init__(self, files: RunFiles) -> None:
         self.files = files
         self.evaluator = None
+        self.images = 0
 
     def before_train(self, trainer: Trainer) -> None:
+        from data_prep.index import ShardIndex
+        from data_prep.storage import open_storage
         from pipeline.evaluators import OIDEvaluator
 
+        cfg = trainer.cfg
+        self.images = len(ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url),
+                                          cfg.train.eval_split))
         if trainer.rank == 0:
-            self.evaluator = OIDEvaluator(trainer.cfg, trainer.cfg.train.eval_split)
+            self.evaluator = OIDEvaluator(cfg, cfg.train.eval_split)
 
     def after_step(self, trainer: Trainer) -> None:
-        from pipeline.train import _evaluate_during_training
-
         state, every = trainer.state, trainer.cfg.train.eval_every_epochs
         state.eval_metrics = {}
         if state.at_epoch_end and every and state.epoch % every == 0:
-            state.eval_metrics = _evaluate_during_training(trainer.core, trainer.cfg, trainer.rank, trainer.world,
-                                                           trainer.device, self.files.writer, state.iteration,
-                                                           self.evaluator)
+            state.eval_metrics = self.evaluate(trainer)
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """This rank's contiguous slice detected; on rank 0 the gathered parts scored, logged and
+        returned as ``{"val_mAP": ...}`` ({} on the other ranks)."""
+        import torch.distributed as dist
+
+        from pipeline.inference import detect_range
+
+        cfg, rank, world = trainer.cfg, trainer.rank, trainer.world
+        split, iteration = cfg.train.eval_split, trainer.state.iteration
+        trainer.core.eval()
+        part = detect_range(trainer.core, cfg, split, self.images * rank // world, self.images * (rank + 1) // world,
+                            cfg.inference.images_per_batch, trainer.device)
+        trainer.core.train()
+        parts = [part]
+        if dist.is_available() and dist.is_initialized() and world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, part)
+        if rank != 0:
+            return {}
+        self.evaluator.reset()
+        for p in parts:
+            self.evaluator.process(p)
+        value = self.evaluator.evaluate().mean_ap()
+        if self.files.writer is not None:
+            self.files.writer.add_scalar(f"eval/{split}_mAP@0.5", value, iteration)
+        print(f"[tsd train] iteration {iteration}: {split} mAP@0.5 = {value:.4f}", flush=True)
+        return {"val_mAP": round(value, 6)}
 
 
 class PeriodicCheckpointer(HookBase):

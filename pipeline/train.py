@@ -271,39 +271,6 @@ def train_worker(loop_config: dict) -> None:
     trainer.train()
 
 
-def _evaluate_during_training(core, cfg: ExperimentConfig, rank: int, world: int, device, writer,
-                              iteration: int, evaluator=None) -> dict:
-    """Every rank detects on its contiguous slice of the evaluation split (the one inference loop);
-    rank 0 gathers the parts into the evaluator (the official metric), logs and returns
-    ``{"val_mAP": ...}`` ({} on the other ranks)."""
-    import torch.distributed as dist
-
-    from data_prep.index import ShardIndex
-    from data_prep.storage import open_storage
-    from pipeline.inference import detect_range
-
-    split = cfg.train.eval_split
-    n = len(ShardIndex.load(open_storage(cfg.data.shards, cfg.data.s3_endpoint_url), split))
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    core.eval()
-    part = detect_range(core, cfg, split, lo, hi, cfg.inference.images_per_batch, device)
-    core.train()
-    parts = [part]
-    if dist.is_available() and dist.is_initialized() and world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, part)
-    if rank != 0:
-        return {}
-    evaluator.reset()
-    for p in parts:
-        evaluator.process(p)
-    value = evaluator.evaluate().mean_ap()
-    if writer is not None:
-        writer.add_scalar(f"eval/{split}_mAP@0.5", value, iteration)
-    print(f"[tsd train] iteration {iteration}: {split} mAP@0.5 = {value:.4f}", flush=True)
-    return {"val_mAP": round(value, 6)}
-
-
 # ---------------------------------------------------------------------------------------------
 # driver side
 # ---------------------------------------------------------------------------------------------

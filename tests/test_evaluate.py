@@ -104,14 +104,18 @@ def test_one_inference_loop_feeds_evaluators_part_by_part(setup):
     evaluated once; scoring the parts gives exactly what scoring the whole split gives."""
     from pipeline.detections import Detections
     from pipeline.evaluators import OIDEvaluator, score_detections
-    from pipeline.inference import DetectionsCollector, detect_range, inference_on_batches, shard_batches
+    from pipeline.inference import (
+        DetectionsCollector,
+        detect_range,
+        inference_on_batches,
+        load_model_for_inference,
+        shard_batches,
+    )
     from pipeline.loader import ShardDataset
 
     _, cfg, ckpt = setup
-    model = build_model(cfg.model, load_weights=False)
-    model.load_state_dict(torch.load(ckpt / "state.pt")["model"])
-    model.eval()
     device = torch.device("cpu")
+    model = load_model_for_inference(cfg, str(ckpt), device)
     whole = detect_range(model, cfg, "validation", 0, 9, 1, device)
     parts = [detect_range(model, cfg, "validation", lo, hi, 1, device) for lo, hi in ((0, 4), (4, 9))]
     assert isinstance(whole, Detections) and whole.num_images() == 9 and len(whole) > 0
