@@ -152,12 +152,11 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
         if table is not None:
             table.offsets = pad_offsets(table.offsets, n)
     annotated = _annotated(boxes, image_labels, n, prep)
-    outside = {"box_rows_outside_class_subset": 0, "label_rows_outside_class_subset": 0}
-    if subset is not None:  # prep.classes: drop (and count) what lies outside the subset
-        if boxes is not None:
-            outside["box_rows_outside_class_subset"] = boxes.select(subset.keep[boxes.label])
-        if image_labels is not None:
-            outside["label_rows_outside_class_subset"] = image_labels.select(subset.keep[image_labels.label])
+    outside: dict[str, int] = {}  # prep.classes: what was dropped for lying outside the subset
+    if subset is not None:
+        outside["box_rows_outside_class_subset"] = boxes.select(subset.keep[boxes.label]) if boxes is not None else 0
+        outside["label_rows_outside_class_subset"] = (
+            image_labels.select(subset.keep[image_labels.label]) if image_labels is not None else 0)
 
     images = open_storage(inputs["images"], ep)
     files_found = list_images(images, log)
@@ -218,7 +217,7 @@ def plan_split(data: DataConfig, prep: PrepConfig, split: str, labels: LabelSpac
         "box_rows_kept": len(boxes) if boxes else 0,
         "label_rows_read": image_labels.rows_read if image_labels else 0,
         "label_rows_kept": len(image_labels.label) if image_labels else 0,
-        **(outside if subset is not None else {}),
+        **outside,
         "images_annotated": int(wanted.sum()),
         "images_without_usable_annotations": int(n - annotated.sum()),
         **({"images_outside_class_subset": int(annotated.sum() - wanted.sum())} if subset is not None else {}),
@@ -377,7 +376,7 @@ def run_prep(
         out.put_bytes(HIERARCHY_FILE, read_source(resolve(data.root, data.hierarchy), data.s3_endpoint_url))
     if resolved_config is not None:
         out.put_bytes("prep-config.yaml", resolved_config.encode())
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     manifest.pop("verify", None)  # a verification belongs to the run that made it
     if verify:
         manifest["verify"] = _verify(out, manifest, prep, progress)
@@ -461,7 +460,8 @@ def _verify(out: Storage, manifest: dict, prep: PrepConfig, progress: bool) -> d
     return result
 
 
-def _read_manifest(out: Storage) -> dict:
+def read_manifest(out: Storage) -> dict:
+    """The output's manifest; {} when there is none yet (or it cannot be read: the run rewrites it)."""
     if not out.exists(MANIFEST_FILE):
         return {}
     try:

@@ -12,7 +12,6 @@ its classes (``Hierarchy.ancestor_matrix`` skips ancestors outside a label space
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,20 +62,14 @@ def band_classes(class_stats: list[dict], lo: float, hi: float) -> list[str]:
     return [c["mid"] for c in sorted(picked, key=lambda c: c["index"])]
 
 
-def _manifest_uri(cfg) -> str:
-    from data_prep.prep import MANIFEST_FILE
-    from data_prep.storage import open_storage
-
-    return open_storage(cfg.data.shards, cfg.data.s3_endpoint_url).uri(MANIFEST_FILE)
-
-
-def _manifest(cfg) -> dict | None:
-    """The prep manifest of the config's shards; None before `tsd prep` has written them."""
-    from data_prep.prep import MANIFEST_FILE
+def _shards_manifest(cfg) -> tuple[str, dict]:
+    """The address of the prep manifest of the config's shards, and its content ({} before `tsd
+    prep` has written it)."""
+    from data_prep.prep import MANIFEST_FILE, read_manifest
     from data_prep.storage import open_storage
 
     shards = open_storage(cfg.data.shards, cfg.data.s3_endpoint_url)
-    return json.loads(shards.read_bytes(MANIFEST_FILE)) if shards.exists(MANIFEST_FILE) else None
+    return shards.uri(MANIFEST_FILE), read_manifest(shards)
 
 
 def resolve_class_selection(cfg, subset_of_the_shards: bool = False):
@@ -90,16 +83,15 @@ def resolve_class_selection(cfg, subset_of_the_shards: bool = False):
     model = cfg.model
     classes = list(model.classes)
     if subset_of_the_shards and not classes and model.classes_band is None:  # shards of prep.classes
-        manifest = _manifest(cfg)
-        classes = list((manifest.get("class_subset") or {}).get("classes", [])) if manifest else []
+        classes = list((_shards_manifest(cfg)[1].get("class_subset") or {}).get("classes", []))
     if model.classes_band is not None:
         if classes:
             raise ConfigError("model.classes and model.classes_band: give one of them")
         if len(model.classes_band) != 2:
             raise ConfigError("model.classes_band: give [lo, hi], e.g. [0.0, 0.2] for the rarest 20 %")
-        manifest = _manifest(cfg)
-        if manifest is None:
-            raise ConfigError(f"model.classes_band: {_manifest_uri(cfg)} is missing (run `tsd prep`)")
+        where, manifest = _shards_manifest(cfg)
+        if not manifest:
+            raise ConfigError(f"model.classes_band: {where} is missing or unreadable (run `tsd prep`)")
         split = cfg.train.split
         stats = manifest.get("splits", {}).get(split, {}).get("classes")
         if not stats:
