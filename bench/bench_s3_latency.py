@@ -12,7 +12,13 @@ second over the whole split, side by side in one run:
   served by moto and by ``range_server.py`` (the same objects; moto's per-request Python shares
   the two cores with the loader, the range server hardly works, so its rows show the loader).
 
-    python bench/bench_s3_latency.py [--images 300]
+With ``--pin`` the object store (endpoint and relay) runs on its own half of the cores and the
+loader (this process and its forked DataLoader workers) on the other half, in every row, local
+disk included: on a training node S3 is somebody else's machine, and on a 2-core VM an unpinned
+endpoint and relay take their CPU from the loader they serve. Both arms of every ratio then have
+the same CPU, so the ratio is what the goal asks about: what reading from S3 costs the loader.
+
+    python bench/bench_s3_latency.py [--images 300] [--pin]
 """
 
 from __future__ import annotations
@@ -52,6 +58,23 @@ def _wait_port(port: int, seconds: float = 20) -> None:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
+def split_cores(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(loader cores, object-store cores) for ``--pin``: two halves of this process's cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not pin:
+        return None, None
+    if len(cores) < 2:
+        raise SystemExit("--pin needs at least 2 cores")
+    half = len(cores) // 2
+    return set(cores[:half]), set(cores[half:])
+
+
+def spawn(argv: list[str], cores: set[int] | None, **kwargs) -> subprocess.Popen:
+    """Starts an object-store process (endpoint or relay), on ``cores`` when given."""
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    return subprocess.Popen(argv, preexec_fn=pin, **kwargs)
+
+
 def rate(cfg, shards: str, endpoint: str | None) -> float:
     """Images per second of one rank's loader over one epoch of the split."""
     from pipeline.loader import ShardDataset
@@ -79,6 +102,9 @@ def main() -> None:
     parser.add_argument("--latencies", default="0,25,50")
     parser.add_argument("--paired-rounds", type=int, default=5,
                         help="then local disk and the range server + 25 ms back to back, this many times")
+    parser.add_argument("--skip-table", action="store_true", help="only the paired rounds")
+    parser.add_argument("--pin", action="store_true",
+                        help="run the loader on one half of the cores, endpoint and relay on the other")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "s3_latency.json"))
     args = parser.parse_args()
     import boto3
@@ -97,9 +123,10 @@ def main() -> None:
                 "model.input.min_size=800", "model.input.max_size=1333"]
         cfg = load_config(REPO / "configs" / "tiny.yaml", base)
         run_prep(cfg.data, cfg.prep, progress=False)
+        loader_cores, store_cores = split_cores(args.pin)
         s3_port = _free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], store_cores,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_port(s3_port)
         client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}")
         client.create_bucket(Bucket="bench")
@@ -108,12 +135,14 @@ def main() -> None:
                 client.upload_file(str(f), "bench", f"shards/{f.name}")
         # the same objects served by range_server.py (no per-request work of its own to speak of)
         shutil.copytree(work / "shards", work / "s3root" / "bench" / "shards")
-        server = subprocess.Popen([sys.executable, str(REPO / "bench" / "range_server.py"), "--root",
-                                   str(work / "s3root")], stdout=subprocess.PIPE, text=True)
+        server = spawn([sys.executable, str(REPO / "bench" / "range_server.py"), "--root", str(work / "s3root")],
+                       store_cores, stdout=subprocess.PIPE, text=True)
         procs.append(server)
         endpoints = {"moto": s3_port, "range server": int(server.stdout.readline())}
+        if loader_cores:
+            os.sched_setaffinity(0, loader_cores)  # the DataLoader workers fork from here and inherit it
         rows = []
-        for read_ahead in (0, 16):
+        for read_ahead in () if args.skip_table else (0, 16):
             local = load_config(REPO / "configs" / "tiny.yaml", [*base, f"loader.read_ahead={read_ahead}"])
             if read_ahead:
                 rows.append({"storage": "local disk", "read_ahead": "-",
@@ -121,8 +150,8 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             for (server_name, upstream), ms in itertools.product(endpoints.items(),
                                                                  [float(x) for x in args.latencies.split(",")]):
-                proxy = subprocess.Popen([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
-                                          str(upstream), "--latency-ms", str(ms)], stdout=subprocess.PIPE, text=True)
+                proxy = spawn([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
+                               str(upstream), "--latency-ms", str(ms)], store_cores, stdout=subprocess.PIPE, text=True)
                 port = int(proxy.stdout.readline())
                 try:
                     value = rate(local, "s3://bench/shards", f"http://127.0.0.1:{port}")
@@ -135,24 +164,29 @@ def main() -> None:
         # the goal's ratio, measured pair by pair: this machine's speed drifts by 20 % within minutes
         paired = []
         fast = load_config(REPO / "configs" / "tiny.yaml", [*base, "loader.read_ahead=16"])
-        proxy = subprocess.Popen([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
-                                  str(endpoints["range server"]), "--latency-ms", "25"], stdout=subprocess.PIPE,
-                                 text=True)
+        proxy = spawn([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
+                       str(endpoints["range server"]), "--latency-ms", "25"], store_cores, stdout=subprocess.PIPE,
+                      text=True)
         port = int(proxy.stdout.readline())
         try:
-            for _ in range(args.paired_rounds):
-                disk = rate(fast, str(work / "shards"), None)
-                remote = rate(fast, "s3://bench/shards", f"http://127.0.0.1:{port}")
-                paired.append({"local_disk": round(disk, 1), "range_server_25ms": round(remote, 1),
-                               "ratio": round(remote / disk, 3)})
+            for k in range(args.paired_rounds):
+                # which arm goes first alternates (ABBA...): an order effect cannot favour either
+                arms = {"local_disk": (str(work / "shards"), None),
+                        "range_server_25ms": ("s3://bench/shards", f"http://127.0.0.1:{port}")}
+                order = list(arms) if k % 2 == 0 else list(arms)[::-1]
+                got = {name: rate(fast, *arms[name]) for name in order}
+                paired.append({"first": order[0], **{name: round(v, 1) for name, v in got.items()},
+                               "ratio": round(got["range_server_25ms"] / got["local_disk"], 3)})
                 print(json.dumps(paired[-1]), flush=True)
         finally:
             proxy.terminate()
             proxy.wait()
-        local_rate = next(r["images_per_s"] for r in rows if r["storage"] == "local disk")
-        for r in rows:
+        local_rate = next((r["images_per_s"] for r in rows if r["storage"] == "local disk"), None)
+        for r in rows if local_rate else ():
             r["vs_local_disk"] = round(r["images_per_s"] / local_rate, 3)
         result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": args.images,
+                  "loader_cores": sorted(loader_cores) if loader_cores else "all",
+                  "object_store_cores": sorted(store_cores) if store_cores else "all",
                   "paired_rounds": paired,
                   "paired_median_ratio": statistics.median(p["ratio"] for p in paired) if paired else None,
                   "loader_workers": 2, "batch": 2, "image": "1024x768 JPEG, resized to 800 shorter side", "rows": rows}
