@@ -168,14 +168,13 @@ class ShardIndex:
         instead of decoding the Parquet file again: all the training and loader processes of a
         node then share one copy in the page cache, and a load takes milliseconds."""
         name = index_name(split)
-        if not storage.exists(name):
-            raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
         published = columns_name(split)
-        if storage.exists(published):  # written by prep with the Parquet file: nothing to decode
+        published_version = storage.version(published)  # one request: whether it exists, and its cache name
+        if published_version is not None:  # written by prep with the Parquet file: nothing to decode
             # copied into the node's cache first, also from a local disk: a mapped file that someone
             # overwrites in place (cp, a sync tool) would kill every process mapping it (SIGBUS);
             # the cache file is only ever replaced by a rename
-            path = _cache_path(storage, published) if cache else None
+            path = _cache_path(storage, published, published_version) if cache else None
             if path is None:
                 return cls._mapped(io.BytesIO(storage.read_bytes(published)))._checked(storage.uri(published))
             if not path.is_file():
@@ -187,7 +186,10 @@ class ShardIndex:
 
                 write_atomically(path, copy)
             return cls._mapped(path)._checked(storage.uri(published))
-        path = _cache_path(storage, name) if cache else None
+        version = storage.version(name)
+        if version is None:
+            raise InputError(f"{storage.uri(name)}: no index for split '{split}' (run `tsd prep` first)")
+        path = _cache_path(storage, name, version) if cache else None
         if path is not None and path.is_file():
             try:
                 return cls._mapped(path)
@@ -335,11 +337,11 @@ _NUMPY = {name: np.dtype(name) for name in ("int8", "int16", "int32", "int64", "
                                             "uint64")}
 
 
-def _cache_path(storage, name: str):
-    """The node-local cache file of an index, named by its address and version (size and mtime,
-    or ETag), so that a re-made index is never read from a stale cache."""
+def _cache_path(storage, name: str, version: str):
+    """The node-local cache file of an index, named by its address and ``version`` (size and
+    mtime, or ETag: ``Storage.version``), so that a re-made index is never read from a stale cache."""
     import hashlib
     import os
 
-    tag = hashlib.sha256(f"{storage.uri(name)}|{storage.version(name)}|columns-v1".encode()).hexdigest()[:20]
+    tag = hashlib.sha256(f"{storage.uri(name)}|{version}|columns-v1".encode()).hexdigest()[:20]
     return Path(os.environ.get("TSD_CACHE") or Path.home() / ".cache" / "tsd") / "index" / f"{tag}.arrow"

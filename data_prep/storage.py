@@ -85,9 +85,10 @@ class Storage:
         against it and keeps it (``stored_crc32``)."""
         raise NotImplementedError
 
-    def version(self, name: str) -> str:
+    def version(self, name: str) -> str | None:
         """What changes when the object is written again (size and mtime; size and ETag on S3):
-        node-local caches of an object are named by it."""
+        node-local caches of an object are named by it. None when there is no such object (so
+        that one request both checks and names it)."""
         raise NotImplementedError
 
     #: whether the store keeps a whole-object checksum it reports without a download (S3)
@@ -237,8 +238,11 @@ class LocalStorage(Storage):
     def put_bytes(self, name: str, data: bytes) -> None:
         self._atomic_write(name, lambda f: f.write(data))
 
-    def version(self, name: str) -> str:
-        info = self._path(name).stat()
+    def version(self, name: str) -> str | None:
+        try:
+            info = self._path(name).stat()
+        except FileNotFoundError:
+            return None
         return f"{info.st_size}|{info.st_mtime_ns}"
 
     def iter_bytes(self, name: str, chunk: int = 8 << 20) -> Iterator[bytes]:
@@ -326,14 +330,17 @@ class S3Storage(Storage):
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def exists(self, name: str) -> bool:
+        return self._head(name) is not None
+
+    def _head(self, name: str) -> dict | None:
+        """The object's HEAD answer; None when there is no such object."""
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-            return True
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise
 
     def read_bytes(self, name: str) -> bytes:
@@ -399,9 +406,9 @@ class S3Storage(Storage):
 
     keeps_checksums = True
 
-    def version(self, name: str) -> str:
-        head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-        return f"{head['ContentLength']}|{head.get('ETag', '')}"
+    def version(self, name: str) -> str | None:
+        head = self._head(name)
+        return None if head is None else f"{head['ContentLength']}|{head.get('ETag', '')}"
 
     def stored_crc32(self, name: str) -> str | None:
         head = self.client.head_object(Bucket=self.bucket, Key=self._key(name), ChecksumMode="ENABLED")

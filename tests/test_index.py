@@ -82,6 +82,26 @@ def test_the_published_column_file_is_mapped_where_it_lies_and_copied_once_from_
     assert ShardIndex.load(s3, "train", cache=False).key_list() == ["z", "y"]
 
 
+def test_a_load_from_s3_asks_one_head_request_when_the_node_has_the_index(tmp_path, monkeypatch, s3_server,
+                                                                        s3_bucket):
+    """Every training and loader process of a node loads the index at start: once the node has
+    it, a load is one HEAD (the published columns' existence and version in one answer), then the
+    mapped cache file. Counted by the relay in front of the S3 endpoint."""
+    from bench.latency_proxy import LatencyProxy
+
+    monkeypatch.setenv("TSD_CACHE", str(tmp_path / "cache"))
+    table = index_table([(0, "train-000000.tar", _columns(["a", "b"], [[3], [4, 5]]))])
+    write_index_table(open_storage(f"s3://{s3_bucket}/shards", s3_server), "train", table)
+    with LatencyProxy(int(s3_server.rsplit(":", 1)[1]), latency_s=0.0) as proxy:
+        s3 = open_storage(f"s3://{s3_bucket}/shards", proxy.url)
+        assert ShardIndex.load(s3, "train").key_list() == ["a", "b"]
+        first = proxy.requests  # HEAD, then the copy into the node cache
+        assert ShardIndex.load(s3, "train").key_list() == ["a", "b"]
+        assert (first, proxy.requests - first) == (2, 1)
+        with pytest.raises(InputError, match="no index for split 'validation'"):
+            ShardIndex.load(s3, "validation")
+
+
 def test_the_node_local_cache_is_mapped_rebuilt_when_stale_and_survives_damage(tmp_path, monkeypatch):
     import os
 
