@@ -105,3 +105,31 @@ def test_fp16_amp_training_steps_with_grad_scaler_are_finite_and_learn():
     assert applied >= 25  # the scaler skips a few steps while it finds its scale
     assert sum(totals[-5:]) / 5 < 0.75 * sum(totals[:5]) / 5
     assert {"loss_tsd_cls", "loss_pc_cls", "loss_pc_loc", "loss_sibling_cls"} <= set(step.losses)
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_sampled_deform_conv_on_cuda_equals_torchvision_s_kernel(modulated):
+    """The grid_sample + matmul deformable conv against torchvision's CUDA kernel: float64 to
+    rounding, forward and backward; under fp16 autocast within AMP tolerance."""
+    from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
+
+    from tests.test_deform_conv import _inputs as dcn_inputs
+    from tsd_model.deform_conv import deform_conv2d_sampled
+
+    x, offset, weight, bias, mask, _ = dcn_inputs(2, 32, 14, 18, 16, 4, 1, 3, 1, 1, 1, modulated)
+    tensors = [t.detach().to(CUDA).requires_grad_(True) if t is not None else None for t in (x, offset, weight, bias, mask)]
+    x, offset, weight, bias, mask = tensors
+    ours = deform_conv2d_sampled(x, offset, weight, bias, 1, 1, 1, mask)
+    reference = torchvision_deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+    inputs = [t for t in tensors if t is not None]
+    grad_out = torch.randn_like(reference)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad_out), torch.autograd.grad(reference, inputs, grad_out),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    half = [t.detach().float().requires_grad_(True) if t is not None else None for t in tensors]
+    with torch.autocast("cuda", dtype=torch.float16):
+        ours16 = deform_conv2d_sampled(half[0], half[1], half[2], half[3], 1, 1, 1, half[4])
+    torch.testing.assert_close(ours16.float(), reference.float(), rtol=2e-2, atol=2e-1)
+    ours16.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in half if t is not None)

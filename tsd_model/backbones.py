@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
-from torchvision.ops import DeformConv2d, FrozenBatchNorm2d, deform_conv2d
+from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from tsd_model.config import BackboneConfig
+from tsd_model.deform_conv import DcnKernel, deform_conv2d
 from tsd_model.senet import senet154_body
 
 # every backbone's FPN maps that RoIs are pooled from (P2-P5) and their strides; P6 ('pool') is the RPN's only
@@ -39,12 +40,14 @@ class DeformableConv2d(DeformConv2d):
     It subclasses ``DeformConv2d`` so that the weight keeps the name of the conv it replaces
     (``conv2.weight``) and ImageNet weights load unchanged. The offset (and mask) conv starts at
     zero: the layer begins as the plain conv it replaced (DCNv2's mask then starts at 0.5).
+    ``kernel`` picks the implementation (``tsd_model.deform_conv``).
     """
 
-    def __init__(self, conv: nn.Conv2d, modulated: bool) -> None:
+    def __init__(self, conv: nn.Conv2d, modulated: bool, kernel: DcnKernel = "auto") -> None:
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, bias=conv.bias is not None)
         self.modulated = modulated
+        self.kernel = kernel
         kh, kw = self.kernel_size
         self.offset_conv = nn.Conv2d(conv.in_channels, (3 if modulated else 2) * kh * kw, self.kernel_size,
                                      self.stride, self.padding, self.dilation, bias=True)
@@ -60,16 +63,19 @@ class DeformableConv2d(DeformConv2d):
         n = 2 * self.kernel_size[0] * self.kernel_size[1]
         offset, mask = (out[:, :n], out[:, n:].sigmoid()) if self.modulated else (out, None)
         return deform_conv2d(x, offset.to(x.dtype), self.weight, self.bias, self.stride, self.padding,
-                             self.dilation, None if mask is None else mask.to(x.dtype))
+                             self.dilation, None if mask is None else mask.to(x.dtype), self.kernel)
+
+    def __repr__(self) -> str:  # DeformConv2d writes its own one-line repr
+        return f"{super().__repr__()[:-1]}, modulated={self.modulated}, kernel={self.kernel})"
 
 
-def add_dcn(body: nn.Module, stages: list[int], modulated: bool) -> int:
+def add_dcn(body: nn.Module, stages: list[int], modulated: bool, kernel: DcnKernel = "auto") -> int:
     """Replace the 3x3 conv (``conv2``) of every bottleneck in stages c3-c5 (``layer2``..``layer4``)."""
     replaced = 0
     for stage in stages:
         layer = getattr(body, f"layer{stage - 1}")
         for block in layer:
-            block.conv2 = DeformableConv2d(block.conv2, modulated)
+            block.conv2 = DeformableConv2d(block.conv2, modulated, kernel)
             replaced += 1
     return replaced
 
@@ -141,13 +147,13 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         layers, groups, width = RESNET_LAYOUTS[cfg.name]
         body = tv_resnet.ResNet(tv_resnet.Bottleneck, layers, groups=groups, width_per_group=width, norm_layer=norm)
         if cfg.dcn != "none":
-            add_dcn(body, cfg.dcn_stages, modulated=cfg.dcn == "v2")
+            add_dcn(body, cfg.dcn_stages, modulated=cfg.dcn == "v2", kernel=cfg.dcn_kernel)
         return _resnet_fpn_extractor(body, _trainable_layers(cfg.frozen_stages), returned_layers=[1, 2, 3, 4],
                                      extra_blocks=LastLevelMaxPool())
     if cfg.name == "senet154":
         body = senet154_body(norm)
         if cfg.dcn != "none":
-            add_dcn(body, cfg.dcn_stages, modulated=cfg.dcn == "v2")
+            add_dcn(body, cfg.dcn_stages, modulated=cfg.dcn == "v2", kernel=cfg.dcn_kernel)
         for name, child in body.named_children():
             stage = 0 if name == "layer0" else int(name[-1])
             if stage < cfg.frozen_stages:

@@ -20,6 +20,9 @@ class BackboneConfig:
                   "mobilenet_v2", "tiny"] = "resnet50"
     dcn: Literal["none", "v1", "v2"] = "none"  # deformable 3x3 convs in the bottlenecks of dcn_stages
     dcn_stages: list[int] = field(default_factory=lambda: [3, 4, 5])  # c3-c5
+    # the deformable conv's implementation (tsd_model/deform_conv.py): auto = grid_sample + matmul
+    # on the CPU (3.9-5.4x torchvision's there, same results), torchvision's kernel on CUDA
+    dcn_kernel: Literal["auto", "torchvision", "grid_sample"] = "auto"
     norm: Literal["bn", "frozen_bn"] = "bn"  # frozen_bn for fine-tuning from ImageNet; SyncBN is set by training
     frozen_stages: int = 0  # stem and the first N stages get no gradient (1 with ImageNet weights)
     fpn_channels: int = 256
