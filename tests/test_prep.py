@@ -230,7 +230,10 @@ def test_loader_random_access_into_s3_shards(prepared, s3_server, s3_bucket):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
 
 
-def test_dataloader_workers_build_batches_in_shared_memory(prepared):
+def test_dataloader_workers_build_batches_in_one_shared_segment(prepared):
+    """A worker writes every field of a batch into one shared-memory segment: the hand-over to
+    the training process passes that one segment (each separate tensor cost a segment and a
+    descriptor fetched over its own connection, ~0.8 ms each on a VM), and nothing is copied."""
     from torch.utils.data import DataLoader
 
     from pipeline.loader import ShardDataset, collate
@@ -241,8 +244,10 @@ def test_dataloader_workers_build_batches_in_shared_memory(prepared):
     loaded = list(DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=1))
     assert len(loaded) == 10 and all(b["images"].is_shared() for b in loaded)
     for batch, items in zip(loaded, batches, strict=True):
+        assert len({t.untyped_storage().data_ptr() for t in batch.values()}) == 1  # one segment
         expected = collate([ds[item] for item in items])
-        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+        assert batch.keys() == expected.keys()
+        assert all(batch[k].dtype == expected[k].dtype and torch.equal(batch[k], expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize("name, size", [("0123456789abcdef.jpg", 123456), ("a.json", 0), ("x" * 100, 7),
