@@ -1,11 +1,13 @@
 """Parsing one large local CSV in parallel: byte ranges cut at line ends, one pyarrow reader each.
 
 pyarrow's streaming CSV reader parses on one core. The challenge train file (1 GB, 12.2M rows)
-is cut into as many ranges as there are cores, each parsed by its own reader in its own thread
-(pyarrow releases the GIL while it parses), while the caller consumes the record batches strictly
-in file order: results stay exactly those of one sequential reader. Ranges after the first hold
-no header, so their readers get the column names; their line numbers start at their own first
-line, and ``lines_before`` turns them into the file's.
+is cut into ranges of ~64 MB, each parsed by its own reader in its own thread (pyarrow releases
+the GIL while it parses), at most ``window`` (one per core) at a time, while the caller consumes
+the record batches strictly in file order: results stay exactly those of one sequential reader.
+Only the ranges in the window hold parsed batches, so memory does not grow with the file (with
+one range per core, the later ranges' whole parse waited in memory for the consumer). Ranges
+after the first hold no header, so their readers get the column names; their line numbers start
+at their own first line, and ``lines_before`` turns them into the file's.
 """
 
 from __future__ import annotations
@@ -77,13 +79,15 @@ def lines_before(path: str, offset: int, chunk: int = 16 << 20) -> int:
 
 
 def parallel_batches(path: str, ranges: list[tuple[int, int]],
-                     open_reader: Callable[[int, RangeFile], Iterator]) -> Iterator:
+                     open_reader: Callable[[int, RangeFile], Iterator], window: int | None = None) -> Iterator:
     """Every record batch of every range, in file order.
 
     ``open_reader(k, stream)`` makes the reader of range k. Each range is parsed in its own
-    thread; a parser's exception is raised here, at its place in the order. Closing the iterator
-    early stops the threads at their next batch.
+    thread, at most ``window`` ranges (default: all) at a time: range k + window starts when the
+    consumer has taken the last batch of range k. A parser's exception is raised here, at its
+    place in the order. Closing the iterator early stops the threads at their next batch.
     """
+    window = len(ranges) if window is None else max(1, window)
     stop = threading.Event()
     queues: list[queue.Queue] = [queue.Queue() for _ in ranges]
 
@@ -102,15 +106,18 @@ def parallel_batches(path: str, ranges: list[tuple[int, int]],
 
     threads = [threading.Thread(target=parse, args=(k, a, b), daemon=True, name=f"csv-range-{k}")
                for k, (a, b) in enumerate(ranges)]
-    for t in threads:
+    for t in threads[:window]:
         t.start()
     try:
-        for q in queues:
+        for k, q in enumerate(queues):
             while (item := q.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+            if k + window < len(threads):
+                threads[k + window].start()
     finally:
         stop.set()
         for t in threads:
-            t.join()
+            if t.is_alive() or t.ident is not None:
+                t.join()

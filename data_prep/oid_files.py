@@ -32,6 +32,7 @@ BOX_REQUIRED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 BOX_FLAGS = ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside")
 LABEL_REQUIRED = ("ImageID", "LabelName", "Confidence")
 BLOCK_SIZE = 16 << 20
+PARALLEL_RANGE_BYTES = 64 << 20  # a large file is parsed in ranges of this size, one per core at a time
 PARALLEL_MIN_BYTES = 64 << 20  # smaller files are parsed by one reader
 _NUMBER_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
@@ -183,7 +184,8 @@ def _open_reader(
     """The file's record batches in order: one streaming reader, or one per byte range in parallel."""
     workers = _parse_workers(uri, typed)
     if workers > 1:
-        return _parallel_reader(uri, header, types, line_map, log, line_ranges(uri, workers))
+        parts = max(workers, -(-os.path.getsize(uri) // PARALLEL_RANGE_BYTES))
+        return _parallel_reader(uri, header, types, line_map, log, line_ranges(uri, parts), workers)
 
     def on_invalid(row) -> str:
         _record_invalid(line_map, log, uri, row.number, row.expected_columns, row.actual_columns, row.text)
@@ -208,9 +210,10 @@ def _unreadable(uri: str, exc: pa.ArrowInvalid) -> InputError:
 
 
 def _parallel_reader(uri: str, header: list[str], types: dict[str, pa.DataType], line_map: _LineMap,
-                     log: RejectLog, ranges: list[tuple[int, int]]):
-    """Batches of every range in file order; malformed rows are recorded at the end, with the
-    file's line numbers (a range's reader counts from its own first line)."""
+                     log: RejectLog, ranges: list[tuple[int, int]], workers: int):
+    """Batches of every range in file order, ``workers`` ranges parsed at a time; malformed rows
+    are recorded at the end, with the file's line numbers (a range's reader counts from its own
+    first line)."""
     deferred: list[list[tuple]] = [[] for _ in ranges]
 
     def open_range(k: int, stream):
@@ -222,7 +225,7 @@ def _parallel_reader(uri: str, header: list[str], types: dict[str, pa.DataType],
 
         return pacsv.open_csv(stream, **_csv_options(types, on_invalid, header, has_header_line=k == 0))
 
-    yield from parallel_batches(uri, ranges, open_range)
+    yield from parallel_batches(uri, ranges, open_range, window=workers)
     for k, rows in enumerate(deferred):
         base = lines_before(uri, ranges[k][0]) if rows and k > 0 else 0
         for number, expected, actual, text in rows:

@@ -176,8 +176,10 @@ def test_duplicate_detection_matches_a_plain_python_reference():
     np.testing.assert_array_equal(_first_of_duplicates(img, lab, box, group), expected)
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_parallel_byte_ranges_give_exactly_the_sequential_result(tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("workers, range_bytes", [(2, 1 << 30), (3, 1 << 30), (2, 40_000)])
+def test_parallel_byte_ranges_give_exactly_the_sequential_result(tmp_path, monkeypatch, workers, range_bytes):
+    """One range per worker, and many small ranges parsed ``workers`` at a time (as the 1 GB file
+    is, in ranges of 64 MB): the same table, rejects and line numbers as one sequential reader."""
     import data_prep.oid_files as oid_files
 
     rng = np.random.default_rng(1)
@@ -197,6 +199,7 @@ def test_parallel_byte_ranges_give_exactly_the_sequential_result(tmp_path, monke
     sequential = _read(path)
     labels_seq = read_image_labels(path, LABELS, ImageCoder(), RejectLog())
     monkeypatch.setattr(oid_files, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(oid_files, "PARALLEL_RANGE_BYTES", range_bytes)
     monkeypatch.setattr(oid_files, "_parse_workers", lambda uri, typed: workers if typed else 1)
     parallel = _read(path)
     labels_par = read_image_labels(path, LABELS, ImageCoder(), RejectLog())
@@ -300,3 +303,29 @@ def test_a_short_row_that_is_not_utf8_either_is_refused_naming_its_line(tmp_path
     path.write_bytes(data)
     with pytest.raises(InputError, match=r"boxes.csv:7: cannot read as CSV .*fix or delete that line"):
         _read(str(path))
+
+
+def test_parallel_batches_parse_at_most_a_window_of_ranges_at_once(tmp_path):
+    """Range k + window starts only when the consumer has finished range k: only the window's
+    ranges hold parsed batches, whatever the file's size; the order stays the file's."""
+    import threading
+    import time
+
+    from data_prep.csv_ranges import parallel_batches
+
+    path = _write(tmp_path, "r.csv", "x\n" * 10)
+    ranges = [(k, k + 1) for k in range(10)]
+    running, peak, lock = set(), [0], threading.Lock()
+
+    def open_reader(k, stream):
+        with lock:
+            running.add(k)
+            peak[0] = max(peak[0], len(running))
+        time.sleep(0.05)  # a parse takes a while: ranges started together overlap
+        yield from (f"{k}.{j}" for j in range(3))
+        with lock:
+            running.discard(k)
+
+    got = list(parallel_batches(str(path), ranges, open_reader, window=3))
+    assert got == [f"{k}.{j}" for k in range(10) for j in range(3)]
+    assert peak[0] == 3
