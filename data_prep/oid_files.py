@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 from data_prep import rejects as R
 from data_prep.csv_ranges import line_ranges, lines_before, parallel_batches
 from data_prep.errors import InputError
+from data_prep.growing_columns import GrowingColumns
 from data_prep.labels import LabelSpace
 from data_prep.rejects import Reject, RejectLog
 from data_prep.storage import is_s3, open_source
@@ -548,7 +549,9 @@ def _read_boxes_once(
     )
     mids = pa.array(labels.mids)
 
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("img", "lab", "box", "row", "key", *flags_present)}
+    specs = {"img": (np.int32, ()), "lab": (np.int16, ()), "box": (np.float32, (4,)), "row": (np.int32, ()),
+             **({"key": (np.uint64, ())} if drop_duplicates else {}), **{f: (np.int8, ()) for f in flags_present}}
+    kept = GrowingColumns(specs, _rows_estimate(uri))  # the valid rows, batch by batch
     rows = 0
     bad_rows: list[tuple[int, str, str, str]] = []  # (data row, reason, image id, detail)
     for batch in _iter_batches(reader, uri, typed, line_map):
@@ -604,32 +607,19 @@ def _read_boxes_once(
             keep = ~bad_mask
             img, lab, box, data_row = img[keep], lab[keep], box[keep], data_row[keep]
             flag_values = {f: v[keep] for f, v in flag_values.items()}
-        parts["img"].append(img)
-        parts["lab"].append(lab.astype(np.int16))
-        parts["box"].append(box)
-        parts["row"].append(data_row)
-        for f in flags_present:
-            parts[f].append(flag_values[f])
+        valid = {"img": img, "lab": lab, "box": box, "row": data_row, **flag_values}
         if drop_duplicates:  # hashed here, where the consumer would otherwise wait for the parsers
             group = flag_values.get("IsGroupOf", np.full(len(img), -1, np.int8))
-            parts["key"].append(_duplicate_key(img, lab, box, group))
+            valid["key"] = _duplicate_key(img, lab, box, group)
+        kept.append(valid)
         rows += n
 
     for data_row, reason, image_id, detail in bad_rows:
         log.add(Reject(reason, uri, detail, line=line_map.line(data_row), image_id=image_id))
 
-    def cat(key: str, dtype, shape=(0,)) -> np.ndarray:
-        chunks = parts.pop(key, None)  # free each part list as soon as it is joined
-        return np.concatenate(chunks) if chunks else np.zeros(shape, dtype=dtype)
-
-    img = cat("img", np.int32)
-    lab = cat("lab", np.int16)
-    box = cat("box", np.float32, (0, 4))
-    data_row = cat("row", np.int32)
-    dup_key = cat("key", np.uint64) if drop_duplicates else None
-    flags = {
-        f: (cat(f, np.int8) if f in flags_present else np.full(len(lab), -1, np.int8)) for f in BOX_FLAGS
-    }
+    img, lab, box, data_row = kept.pop("img"), kept.pop("lab"), kept.pop("box"), kept.pop("row")
+    dup_key = kept.pop("key") if drop_duplicates else None
+    flags = {f: (kept.pop(f) if f in flags_present else np.full(len(lab), -1, np.int8)) for f in BOX_FLAGS}
 
     order, offsets = group_offsets(img, len(images))
     if order is not None:
@@ -658,6 +648,16 @@ def _read_boxes_once(
     if line_map.skipped:
         lines = np.array([line_map.line(int(r)) for r in data_row], dtype=np.int32)
     return BoxTable(img, lab, box, flags, lines, offsets, rows_read=rows)
+
+
+def _rows_estimate(uri: str) -> int:
+    """More rows than a local box file can hold (no row is shorter than ~40 bytes); 1M elsewhere."""
+    if is_s3(uri):
+        return 1 << 20
+    try:
+        return os.path.getsize(uri) // 40 + 1024
+    except OSError:
+        return 1 << 20
 
 
 def _duplicate_key(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
