@@ -192,3 +192,38 @@ def test_several_offset_sets_in_one_pass_equal_separate_passes():
     for v in range(2):
         torch.testing.assert_close(both[v], pool(table, rois, levels, offsets[v]))
     assert pool(table, rois[:0], levels[:0], offsets[:, :0]).shape == (2, 0, 4, 7, 7)
+
+
+@pytest.mark.parametrize("rule", [ALIGNED, TORCHVISION_LEGACY])
+def test_the_roi_align_kernel_pools_p_as_the_table_does_forward_and_backward(rule):
+    """P (no offsets) by roi_align per level, what ``pool_kernel: auto`` does on CUDA, equals the
+    table gather: values and gradients, RoIs of several images and levels in mixed order, tiny
+    boxes (legacy's extent of at least a pixel) and boxes reaching outside the map included."""
+    g = torch.Generator().manual_seed(3)
+    sizes = {"0": 64, "1": 32, "2": 16, "3": 8}
+    results = {}
+    xy, wh = torch.rand(40, 2, generator=g) * 200, torch.rand(40, 2, generator=g) ** 2 * 500 + 2
+    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=g).float(), xy, xy + wh], dim=1)
+    rois = torch.cat([rois, torch.tensor([[1.0, 3, 3, 3.5, 3.2], [0.0, -20, 200, 90, 300]])])
+    grad = torch.randn(len(rois), 4, 7, 7, generator=g)
+    base = {k: torch.randn(2, 4, s, s, generator=g) for k, s in sizes.items()}
+    for kernel in ("table", "roi_align"):
+        features = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        pool = MultiScaleDeformRoIPool(list(sizes), STRIDES, 7, 2, rule, kernel=kernel)
+        table = pool.table(features)
+        levels = pool.levels_of(table, rois[:, 1:])
+        out = pool(table, rois, levels)
+        (out * grad).sum().backward()
+        # a level no RoI uses gets no gradient from roi_align, zeros from the gather: the same
+        results[kernel] = (out, [torch.zeros_like(v) if v.grad is None else v.grad for v in features.values()], levels)
+    assert len(set(results["table"][2].tolist())) >= 3  # RoIs at three levels or more
+    torch.testing.assert_close(results["roi_align"][0], results["table"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results["roi_align"][1], results["table"][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_roi_align_kernel_refuses_a_rule_it_does_not_implement():
+    with pytest.raises(ValueError, match="does not implement the sampling rule 'authors_deform'"):
+        MultiScaleDeformRoIPool(["0"], [4], 7, 2, AUTHORS_DEFORM, kernel="roi_align")
+    auto = MultiScaleDeformRoIPool(["0"], [4], 7, 2, MMDET_V1_ROI_ALIGN, kernel="auto")
+    assert not auto._roi_align(torch.zeros(1, 5))  # the table on the CPU, and for this rule anywhere

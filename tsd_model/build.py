@@ -34,7 +34,8 @@ def build_stage(cfg: ModelConfig, in_channels: int, stds: list[float], fg_iou: f
     k = roi.pool_size
     num_outputs = cfg.num_classes + 1
     num_reg = 1 if class_agnostic else num_outputs
-    pool = MultiScaleDeformRoIPool(ROI_FEATURE_MAPS, ROI_FEATURE_STRIDES, k, roi.sampling_ratio, RULES[roi.pooling])
+    pool = MultiScaleDeformRoIPool(ROI_FEATURE_MAPS, ROI_FEATURE_STRIDES, k, roi.sampling_ratio, RULES[roi.pooling],
+                                   kernel=roi.pool_kernel)
     sibling = None
     if roi.head == "sibling" or (roi.head == "tsd" and tsd.joint_sibling):
         sibling = SiblingHead(in_channels, k, roi.representation_size, num_outputs, num_reg, roi.fc_init)

@@ -53,6 +53,9 @@ class RoIConfig:
     # how P is pooled: roi_align(aligned=True); torchvision's Faster R-CNN (roi_align aligned=False);
     # or mmdetection v1's RoIAlign (extent x2 + 1 - x1, sizes + 1 for the level), the TSD authors'
     pooling: Literal["aligned", "torchvision_legacy", "mmdet_v1_roi_align"] = "aligned"
+    # what computes P's pooling: the table gather (ops.pool_table), torchvision's roi_align (for
+    # aligned / torchvision_legacy; the same values), or auto: roi_align on CUDA, the gather on the CPU
+    pool_kernel: Literal["auto", "table", "roi_align"] = "auto"
     representation_size: int = 1024  # width of the 2fc branches
     # "softmax" over the annotated classes, or "sigmoid": multi-label over each class and its ancestors
     # (the hierarchy's; background = all zeros), whose scores cover every level without expansion
