@@ -4,7 +4,10 @@ Shards N photo-like 1024x768 JPEGs (``tsd prep``), then in one process with one 
   - bare PIL: ``Image.open(path).convert("RGB")`` + ``load()`` of the original files (no resize);
   - ours, index mode: ``ShardDataset[(i, flip)]``: range read from the tar, ``decode_jpeg``,
     antialiased resize to a shorter side of 800, flip, boxes (class-aware order);
-  - ours, streaming mode: webdataset over the same tars, sequential, same decode and resize.
+  - ours, streaming mode: webdataset over the same tars, sequential, same decode and resize;
+  - ours, index mode through 2 DataLoader workers (batches of 2), everything pinned to one core:
+    what handing each batch to the training process costs against the in-process loop (the
+    workers' start included).
 Prints images/s and ratios; writes bench/out/loader.json.
 
     python bench/bench_loader.py [--images 300]
@@ -74,8 +77,24 @@ def main() -> None:
                 if n + 1 == len(files):
                     break
 
-        best = {"pil_decode": float("inf"), "index_class_aware": float("inf"), "streaming_sequential": float("inf")}
-        loops = {"pil_decode": pil_loop, "index_class_aware": index_loop, "streaming_sequential": stream_loop}
+        def workers_loop() -> None:
+            import os
+
+            from torch.utils.data import DataLoader
+
+            cores = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {min(cores)})  # the workers fork from here and inherit it
+            try:
+                batches = [order[k:k + 2] for k in range(0, len(order), 2)]
+                for _ in DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=2):
+                    pass
+            finally:
+                os.sched_setaffinity(0, cores)
+
+        best = {"pil_decode": float("inf"), "index_class_aware": float("inf"), "streaming_sequential": float("inf"),
+                "index_2_workers_one_core": float("inf")}
+        loops = {"pil_decode": pil_loop, "index_class_aware": index_loop, "streaming_sequential": stream_loop,
+                 "index_2_workers_one_core": workers_loop}
         for _ in range(args.rounds):
             for name, fn in loops.items():
                 t0 = time.perf_counter()
@@ -87,6 +106,7 @@ def main() -> None:
             "images": len(files), "size": "1024x768 -> 800x1067", "images_per_s": rates,
             "ratio_index_vs_pil_decode": round(rates["index_class_aware"] / rates["pil_decode"], 2),
             "ratio_streaming_vs_pil_decode": round(rates["streaming_sequential"] / rates["pil_decode"], 2),
+            "ratio_2_workers_vs_in_process": round(rates["index_2_workers_one_core"] / rates["index_class_aware"], 2),
         }
         print(json.dumps(result, indent=1))
         (out / "loader.json").write_text(json.dumps(result, indent=1))
