@@ -651,7 +651,8 @@ def _read_boxes_once(
 
 
 def _rows_estimate(uri: str) -> int:
-    """More rows than a local box file can hold (no row is shorter than ~40 bytes); 1M elsewhere."""
+    """More rows than a local box or label file can hold (no row is shorter than ~40 bytes); 1M
+    elsewhere (the columns grow as needed)."""
     if is_s3(uri):
         return 1 << 20
     try:
@@ -748,7 +749,8 @@ def _read_image_labels_once(
         uri, header, _column_types(LABEL_REQUIRED, ("Confidence",), typed), line_map, log, endpoint_url, typed
     )
     mids = pa.array(labels.mids)
-    imgs, labs, poss = [], [], []
+    kept = GrowingColumns({"img": (np.int32, ()), "lab": (np.int16, ()), "pos": (np.bool_, ())},
+                          _rows_estimate(uri))  # the valid rows, batch by batch
     rows = 0
     bad_rows: list[tuple[int, str, str, str]] = []
     for batch in _iter_batches(reader, uri, typed, line_map):
@@ -774,16 +776,12 @@ def _read_image_labels_once(
                 )
             bad_rows.append((rows + int(i), reason, cols["ImageID"][i].as_py(), detail))
         keep = ~(bad | unknown)
-        imgs.append(img[keep])
-        labs.append(lab[keep].astype(np.int16))
         # The official rule: positive iff int(float(Confidence)) == 1; anything else is negative.
-        poss.append(np.trunc(conf[keep]) == 1)
+        kept.append({"img": img[keep], "lab": lab[keep], "pos": np.trunc(conf[keep]) == 1})
         rows += batch.num_rows
     for data_row, reason, image_id, detail in bad_rows:
         log.add(Reject(reason, uri, detail, line=line_map.line(data_row), image_id=image_id))
-    img = np.concatenate(imgs) if imgs else np.zeros(0, np.int32)
-    lab = np.concatenate(labs) if labs else np.zeros(0, np.int16)
-    pos = np.concatenate(poss) if poss else np.zeros(0, bool)
+    img, lab, pos = kept.pop("img"), kept.pop("lab"), kept.pop("pos")
     order, offsets = group_offsets(img, len(images))
     if order is not None:
         img, lab, pos = img[order], lab[order], pos[order]
