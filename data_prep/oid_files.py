@@ -683,15 +683,41 @@ def _duplicate_key(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.
     return (img.astype(np.uint64) << np.uint64(32)) | (h >> np.uint64(32))
 
 
+DUPLICATE_CHECK_ROWS = 1 << 20  # rows sorted at a time when they are grouped by image
+
+
 def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray,
                          key: np.ndarray | None = None) -> np.ndarray:
     """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
 
-    One sort of the rows' ``_duplicate_key`` finds candidate runs of equal keys; inside a run rows
-    are compared exactly in row order, so a hash collision never drops a row.
+    A sort of the rows' ``_duplicate_key`` finds candidate runs of equal keys; inside a run rows
+    are compared exactly in row order, so a hash collision never drops a row. Rows in image order
+    (what the readers hand over) are sorted in slices of whole images, ~1M rows each: duplicates
+    never cross an image, and the sort's index and sorted keys then take ~17 MB instead of 17
+    bytes per row at once (0.2 GiB for the 12.2M-row train file).
     """
     if key is None:
         key = _duplicate_key(img, lab, box, group)
+    n = len(key)
+    if n <= DUPLICATE_CHECK_ROWS or not bool((img[1:] >= img[:-1]).all()):
+        return _first_of_duplicates_in(img, lab, box, group, key)
+    keep = np.empty(n, dtype=bool)
+    start = 0
+    while start < n:
+        end = start + DUPLICATE_CHECK_ROWS
+        if end < n:  # back to the start of the image the cut fell in, or past it if it began the slice
+            cut = int(np.searchsorted(img, img[end], side="left"))
+            end = cut if cut > start else int(np.searchsorted(img, img[end], side="right"))
+        end = min(end, n)
+        keep[start:end] = _first_of_duplicates_in(img[start:end], lab[start:end], box[start:end], group[start:end],
+                                                  key[start:end])
+        start = end
+    return keep
+
+
+def _first_of_duplicates_in(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray,
+                            key: np.ndarray) -> np.ndarray:
+    """``_first_of_duplicates`` over rows sorted in one go."""
     order = np.argsort(key, kind="stable")
     hs = key[order]
     keep = np.ones(len(key), dtype=bool)

@@ -158,12 +158,18 @@ def test_files_share_one_image_coder(tmp_path):
     assert label_table.label[label_table.rows_of(coder.get("img1"))].tolist() == [1]
 
 
-def test_duplicate_detection_matches_a_plain_python_reference():
+@pytest.mark.parametrize("slice_rows, image_order", [(1 << 20, True), (1000, True), (3, True), (1000, False)])
+def test_duplicate_detection_matches_a_plain_python_reference(monkeypatch, slice_rows, image_order):
+    """In one sort, in slices of whole images (slices shorter than an image included), and for
+    rows not in image order (one sort)."""
+    import data_prep.oid_files as oid_files
     from data_prep.oid_files import _first_of_duplicates
 
+    monkeypatch.setattr(oid_files, "DUPLICATE_CHECK_ROWS", slice_rows)
     rng = np.random.default_rng(0)
     n = 20_000
-    img = np.sort(rng.integers(0, 3000, n)).astype(np.int32)
+    img = rng.integers(0, 3000, n).astype(np.int32)
+    img = np.sort(img) if image_order else img
     lab = rng.integers(0, 5, n).astype(np.int16)
     box = rng.integers(0, 3, (n, 4)).astype(np.float32) / 4
     group = rng.integers(0, 2, n).astype(np.int8)
