@@ -576,7 +576,8 @@ def _read_boxes_once(
                 v, bad = _numbers(cols[f], allow_empty=True)
                 malformed |= bad
                 raw = np.where(np.isnan(v) & ~bad, -1.0, np.nan_to_num(v, nan=0.0))
-            wrong = ~malformed & ~np.isin(raw, (-1, 0, 1))  # a flag is 0, 1 or -1 (unknown), nothing else
+            # a flag is 0, 1 or -1 (unknown), nothing else (three compares: np.isin sorts, 5x slower here)
+            wrong = ~malformed & ~((raw == 0) | (raw == 1) | (raw == -1))
             for i in np.flatnonzero(wrong & ~bad_flag):
                 bad_flag_name[int(i)] = f"{f}={raw[i]:g}"
             bad_flag |= wrong
