@@ -119,5 +119,5 @@ def parallel_batches(path: str, ranges: list[tuple[int, int]],
     finally:
         stop.set()
         for t in threads:
-            if t.is_alive() or t.ident is not None:
+            if t.ident is not None:  # started (the window's ranges that were never reached were not)
                 t.join()

@@ -117,3 +117,18 @@ def test_the_backbone_layer_gives_the_same_result_with_either_kernel(modulated):
     for a, b in zip(grads["grid_sample"], grads["torchvision"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert "kernel=grid_sample" in repr(layers["grid_sample"])
+
+
+def test_under_autocast_the_sampling_stays_in_float32():
+    """Under bf16 autocast the matmul runs in bf16, the sampling positions and values in float32
+    (a bf16 grid misplaces samples by a fraction of a pixel on a 200-pixel map): the result is
+    within bf16's rounding of fp32."""
+    x, offset, weight, bias, mask, _ = _inputs(1, 8, 200, 200, 4, 1, 1, 3, 1, 1, 1, True, scale=1.5)
+    x, offset, weight, bias, mask = (t.detach().float().requires_grad_(True) for t in (x, offset, weight, bias, mask))
+    reference = torchvision_deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the input as a bf16 layer below would give it
+        ours = deform_conv2d_sampled(x.bfloat16(), offset.bfloat16(), weight, bias, 1, 1, 1, mask)
+    scale = reference.abs().max()
+    assert (ours.float() - reference).abs().max() < 0.02 * scale
+    ours.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (x, offset, weight, mask))

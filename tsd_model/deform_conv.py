@@ -67,9 +67,11 @@ def sampled_columns(x: Tensor, offset: Tensor, mask: Tensor | None, kernel_size:
     x_pos = cols.view(1, 1, 1, 1, wo) + tap_x.view(1, 1, taps, 1, 1) + off[:, :, :, 1]
     # grid_sample's coordinates with align_corners=False: pixel p of a size-s axis is (2p + 1) / s - 1
     grid = torch.stack([(2 * x_pos + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)  # [N, G, taps, Ho, Wo, 2]
-    sampled = F.grid_sample(x.reshape(n * groups, c // groups, h, w),
-                            grid.view(n * groups, taps * ho, wo, 2).to(x.dtype), mode="bilinear",
-                            padding_mode="zeros", align_corners=False)  # [N*G, C/G, taps*Ho, Wo]
+    # the sampling in float32 at least (as torchvision's op runs under autocast): a half-precision
+    # grid would misplace the samples by up to a tenth of a pixel on a 100-pixel map
+    source = x if x.dtype == dtype else x.to(dtype)
+    sampled = F.grid_sample(source.reshape(n * groups, c // groups, h, w), grid.view(n * groups, taps * ho, wo, 2),
+                            mode="bilinear", padding_mode="zeros", align_corners=False)  # [N*G, C/G, taps*Ho, Wo]
     sampled = sampled.view(n, groups, c // groups, taps, ho * wo)
     if mask is not None:
         sampled = sampled * mask.view(n, groups, 1, taps, ho * wo).to(sampled.dtype)
