@@ -138,23 +138,13 @@ def test_sampled_deform_conv_on_cuda_equals_torchvision_s_kernel(modulated):
 def test_p_pooled_by_roi_align_on_cuda_equals_the_table_gather():
     """``roi.pool_kernel: auto`` pools P with roi_align's CUDA kernel: the same values and
     gradients as the table gather on the same device."""
-    from tsd_model.ops import ALIGNED, MultiScaleDeformRoIPool
+    from tests.test_ops import p_pooling_case, pool_p
+    from tsd_model.ops import ALIGNED
 
-    g = torch.Generator().manual_seed(3)
-    sizes = {"0": 64, "1": 32, "2": 16, "3": 8}
-    base = {k: torch.randn(2, 8, s, s, generator=g) for k, s in sizes.items()}
-    xy, wh = torch.rand(200, 2, generator=g) * 200, torch.rand(200, 2, generator=g) ** 2 * 500 + 2
-    rois = torch.cat([torch.randint(0, 2, (200, 1), generator=g).float(), xy, xy + wh], dim=1).to(CUDA)
-    grad = torch.randn(200, 8, 7, 7, generator=g).to(CUDA)
-    results = {}
-    for kernel in ("table", "auto"):
-        features = {k: v.to(CUDA).requires_grad_(True) for k, v in base.items()}
-        pool = MultiScaleDeformRoIPool(list(sizes), [4, 8, 16, 32], 7, 2, ALIGNED, kernel=kernel)
-        assert pool._roi_align(rois) == (kernel == "auto")
-        table = pool.table(features)
-        out = pool(table, rois, pool.levels_of(table, rois[:, 1:]))
-        (out * grad).sum().backward()
-        results[kernel] = (out, [torch.zeros_like(v) if v.grad is None else v.grad for v in features.values()])
-    torch.testing.assert_close(results["auto"][0], results["table"][0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(results["auto"][1], results["table"][1], strict=True):
+    case = p_pooling_case(200, 8)
+    table_out, table_grads, _, table_took_roi_align = pool_p(*case, ALIGNED, "table", "cuda")
+    out, grads, _, took_roi_align = pool_p(*case, ALIGNED, "auto", "cuda")
+    assert took_roi_align and not table_took_roi_align
+    torch.testing.assert_close(out, table_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, table_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -194,31 +194,43 @@ def test_several_offset_sets_in_one_pass_equal_separate_passes():
     assert pool(table, rois[:0], levels[:0], offsets[:, :0]).shape == (2, 0, 4, 7, 7)
 
 
+def p_pooling_case(num: int, channels: int, seed: int = 3):
+    """Maps of the four FPN levels (2 images), ``num`` RoIs of many sizes (several levels) plus a
+    tiny one and one reaching outside the map, and a gradient for the pooled output."""
+    g = torch.Generator().manual_seed(seed)
+    maps = {str(k): torch.randn(2, channels, 64 >> k, 64 >> k, generator=g) for k in range(4)}
+    xy, wh = torch.rand(num, 2, generator=g) * 200, torch.rand(num, 2, generator=g) ** 2 * 500 + 2
+    rois = torch.cat([torch.randint(0, 2, (num, 1), generator=g).float(), xy, xy + wh], dim=1)
+    rois = torch.cat([rois, torch.tensor([[1.0, 3, 3, 3.5, 3.2], [0.0, -20, 200, 90, 300]])])
+    return maps, rois, torch.randn(len(rois), channels, 7, 7, generator=g)
+
+
+def pool_p(maps, rois, grad, rule, kernel: str, device: str = "cpu"):
+    """P pooled with ``kernel`` on ``device``: the output, every level's gradient (zeros where none
+    flowed: a level no RoI uses gets none from roi_align, zeros from the gather), the levels, and
+    whether the pooling took roi_align."""
+    features = {k: v.to(device).requires_grad_(True) for k, v in maps.items()}
+    pool = MultiScaleDeformRoIPool(list(maps), STRIDES, 7, 2, rule, kernel=kernel)
+    rois = rois.to(device)
+    table = pool.table(features)
+    levels = pool.levels_of(table, rois[:, 1:])
+    out = pool(table, rois, levels)
+    (out * grad.to(device)).sum().backward()
+    grads = [torch.zeros_like(v) if v.grad is None else v.grad for v in features.values()]
+    return out, grads, levels, pool._roi_align(rois)
+
+
 @pytest.mark.parametrize("rule", [ALIGNED, TORCHVISION_LEGACY])
 def test_the_roi_align_kernel_pools_p_as_the_table_does_forward_and_backward(rule):
     """P (no offsets) by roi_align per level, what ``pool_kernel: auto`` does on CUDA, equals the
     table gather: values and gradients, RoIs of several images and levels in mixed order, tiny
     boxes (legacy's extent of at least a pixel) and boxes reaching outside the map included."""
-    g = torch.Generator().manual_seed(3)
-    sizes = {"0": 64, "1": 32, "2": 16, "3": 8}
-    results = {}
-    xy, wh = torch.rand(40, 2, generator=g) * 200, torch.rand(40, 2, generator=g) ** 2 * 500 + 2
-    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=g).float(), xy, xy + wh], dim=1)
-    rois = torch.cat([rois, torch.tensor([[1.0, 3, 3, 3.5, 3.2], [0.0, -20, 200, 90, 300]])])
-    grad = torch.randn(len(rois), 4, 7, 7, generator=g)
-    base = {k: torch.randn(2, 4, s, s, generator=g) for k, s in sizes.items()}
-    for kernel in ("table", "roi_align"):
-        features = {k: v.clone().requires_grad_(True) for k, v in base.items()}
-        pool = MultiScaleDeformRoIPool(list(sizes), STRIDES, 7, 2, rule, kernel=kernel)
-        table = pool.table(features)
-        levels = pool.levels_of(table, rois[:, 1:])
-        out = pool(table, rois, levels)
-        (out * grad).sum().backward()
-        # a level no RoI uses gets no gradient from roi_align, zeros from the gather: the same
-        results[kernel] = (out, [torch.zeros_like(v) if v.grad is None else v.grad for v in features.values()], levels)
-    assert len(set(results["table"][2].tolist())) >= 3  # RoIs at three levels or more
-    torch.testing.assert_close(results["roi_align"][0], results["table"][0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(results["roi_align"][1], results["table"][1], strict=True):
+    case = p_pooling_case(40, 4)
+    table_out, table_grads, levels, _ = pool_p(*case, rule, "table")
+    out, grads, _, _ = pool_p(*case, rule, "roi_align")
+    assert len(set(levels.tolist())) >= 3  # RoIs at three levels or more
+    torch.testing.assert_close(out, table_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, table_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
