@@ -12,6 +12,7 @@ with AMP and the peak memory of each.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -32,15 +33,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "deform_conv.json"))
     args = parser.parse_args()
+    from bench_model import _sync, alternate
+
     from tsd_model.deform_conv import deform_conv2d
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
+    kernels = ("torchvision", "grid_sample")
     rows = []
     for layer, (channels, stride) in LAYERS.items():
         h, w = max(1, round(800 * args.scale / stride)), max(1, round(1216 * args.scale / stride))
@@ -54,22 +53,14 @@ def main() -> None:
                 out = deform_conv2d(x, offset, weight, None, 1, 1, 1, None, kernel)
             out.float().square().mean().backward()
 
-        best = {k: float("inf") for k in ("torchvision", "grid_sample")}
         memory = {}
-        for kernel in best:  # warm-up, and the peak memory of each on its own
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
+        for kernel in kernels if cuda else ():  # the peak memory of each on its own
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
             run(kernel)
-            sync()
-            if cuda:
-                memory[kernel] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        for _ in range(args.repeats):
-            for kernel in best:
-                t0 = time.perf_counter()
-                run(kernel)
-                sync()
-                best[kernel] = min(best[kernel], time.perf_counter() - t0)
+            _sync(args.device)
+            memory[kernel] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        best, _ = alternate({k: functools.partial(run, k) for k in kernels}, args.repeats, args.device)
         row = {"layer": layer, "input": [args.images, channels, h, w],
                **{f"{k}_ms": round(v * 1000, 2) for k, v in best.items()},
                "speedup": round(best["torchvision"] / best["grid_sample"], 2)}

@@ -29,16 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_model import _sync
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("configs/cascade_rcnn_x101_64x4d_dcn_fpn_tsd_coco.yaml", "configs/faster_rcnn_r50_fpn_tsd_coco.yaml",
                    "configs/faster_rcnn_r50_fpn_sibling_coco.yaml")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_inputs(n: int, size: tuple[int, int], num_classes: int, device: torch.device, seed: int = 0):
@@ -59,12 +55,12 @@ def make_inputs(n: int, size: tuple[int, int], num_classes: int, device: torch.d
 def timed(fn, repeats: int, warmup: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    _sync(device.type)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        _sync(device.type)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -92,7 +88,7 @@ def op_shares(model, step, device: torch.device, top: int) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step()
-        _sync(device)
+        _sync(device.type)
     events = prof.key_averages()
 
     def self_time(e) -> float:

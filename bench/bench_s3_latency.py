@@ -24,6 +24,7 @@ the same CPU, so the ratio is what the goal asks about: what reading from S3 cos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,9 +62,9 @@ def _wait_port(port: int, seconds: float = 20) -> None:
 
 def split_cores(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     """(loader cores, object-store cores) for ``--pin``: two halves of this process's cores."""
-    cores = sorted(os.sched_getaffinity(0))
     if not pin:
         return None, None
+    cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit("--pin needs at least 2 cores")
     half = len(cores) // 2
@@ -73,6 +75,18 @@ def spawn(argv: list[str], cores: set[int] | None, **kwargs) -> subprocess.Popen
     """Starts an object-store process (endpoint or relay), on ``cores`` when given."""
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     return subprocess.Popen(argv, preexec_fn=pin, **kwargs)
+
+
+@contextlib.contextmanager
+def relay(upstream: int, latency_ms: float, cores: set[int] | None) -> Iterator[str]:
+    """``latency_proxy.py`` in front of the endpoint on port ``upstream``, in its own process: its URL."""
+    proxy = spawn([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port", str(upstream),
+                   "--latency-ms", str(latency_ms)], cores, stdout=subprocess.PIPE, text=True)
+    try:
+        yield f"http://127.0.0.1:{int(proxy.stdout.readline())}"
+    finally:
+        proxy.terminate()
+        proxy.wait()
 
 
 def rate(cfg, shards: str, endpoint: str | None) -> float:
@@ -150,37 +164,23 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             for (server_name, upstream), ms in itertools.product(endpoints.items(),
                                                                  [float(x) for x in args.latencies.split(",")]):
-                proxy = spawn([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
-                               str(upstream), "--latency-ms", str(ms)], store_cores, stdout=subprocess.PIPE, text=True)
-                port = int(proxy.stdout.readline())
-                try:
-                    value = rate(local, "s3://bench/shards", f"http://127.0.0.1:{port}")
-                finally:
-                    proxy.terminate()
-                    proxy.wait()
+                with relay(upstream, ms, store_cores) as url:
+                    value = rate(local, "s3://bench/shards", url)
                 rows.append({"storage": f"S3 ({server_name}) + {ms:g} ms per request", "read_ahead": read_ahead,
                              "images_per_s": round(value, 1)})
                 print(json.dumps(rows[-1]), flush=True)
         # the goal's ratio, measured pair by pair: this machine's speed drifts by 20 % within minutes
         paired = []
         fast = load_config(REPO / "configs" / "tiny.yaml", [*base, "loader.read_ahead=16"])
-        proxy = spawn([sys.executable, str(REPO / "bench" / "latency_proxy.py"), "--upstream-port",
-                       str(endpoints["range server"]), "--latency-ms", "25"], store_cores, stdout=subprocess.PIPE,
-                      text=True)
-        port = int(proxy.stdout.readline())
-        try:
+        with relay(endpoints["range server"], 25, store_cores) as url:
+            arms = {"local_disk": (str(work / "shards"), None), "range_server_25ms": ("s3://bench/shards", url)}
             for k in range(args.paired_rounds):
                 # which arm goes first alternates (ABBA...): an order effect cannot favour either
-                arms = {"local_disk": (str(work / "shards"), None),
-                        "range_server_25ms": ("s3://bench/shards", f"http://127.0.0.1:{port}")}
                 order = list(arms) if k % 2 == 0 else list(arms)[::-1]
                 got = {name: rate(fast, *arms[name]) for name in order}
                 paired.append({"first": order[0], **{name: round(v, 1) for name, v in got.items()},
                                "ratio": round(got["range_server_25ms"] / got["local_disk"], 3)})
                 print(json.dumps(paired[-1]), flush=True)
-        finally:
-            proxy.terminate()
-            proxy.wait()
         local_rate = next((r["images_per_s"] for r in rows if r["storage"] == "local disk"), None)
         for r in rows if local_rate else ():
             r["vs_local_disk"] = round(r["images_per_s"] / local_rate, 3)
