@@ -289,7 +289,7 @@ class LocalStorage(Storage):
 
 
 S3_MAX_ATTEMPTS = 10  # per request, the first included
-S3_MAX_POOL_CONNECTIONS = 32  # at least a loader process's read-ahead
+S3_MAX_POOL_CONNECTIONS = 32  # boto3's pool (ranged reads keep their own connections: ranged_http)
 PRESIGNED_TTL_S = 900  # a ranged read's presigned URL is made again after PRESIGNED_TTL_S / 2
 
 

@@ -24,7 +24,7 @@ side by side on a GPU: ``bench/bench_deform_conv.py``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
 DcnKernel = Literal["auto", "torchvision", "grid_sample"]
-DCN_KERNELS: tuple[str, ...] = ("auto", "torchvision", "grid_sample")
+DCN_KERNELS: tuple[str, ...] = get_args(DcnKernel)
 
 Pair = int | tuple[int, int]
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -279,8 +279,8 @@ class MultiScaleDeformRoIPool(nn.Module):
     def __init__(self, featmap_names: list[str], strides: list[int], output_size: int = 7,
                  sampling_ratio: int = 2, rule: SamplingRule = ALIGNED, kernel: PoolKernel = "table") -> None:
         super().__init__()
-        if kernel not in ("auto", "table", "roi_align"):
-            raise ValueError(f"unknown pooling kernel {kernel!r} (auto, table or roi_align)")
+        if kernel not in get_args(PoolKernel):
+            raise ValueError(f"unknown pooling kernel {kernel!r} (one of {', '.join(get_args(PoolKernel))})")
         if kernel == "roi_align" and rule not in ROI_ALIGN_RULES:
             raise ValueError(f"roi_align does not implement the sampling rule {rule.name!r}: use the table kernel")
         self.kernel = kernel
