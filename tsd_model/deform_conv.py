@@ -29,6 +29,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
@@ -36,10 +37,6 @@ DcnKernel = Literal["auto", "torchvision", "grid_sample"]
 DCN_KERNELS: tuple[str, ...] = get_args(DcnKernel)
 
 Pair = int | tuple[int, int]
-
-
-def _pair(value: Pair) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def sampled_columns(x: Tensor, offset: Tensor, mask: Tensor | None, kernel_size: tuple[int, int],
