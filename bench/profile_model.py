@@ -1,15 +1,21 @@
 """Profile one R50-FPN inference and training step per RoI head (torch.profiler), for finding where
 TSD's extra time goes: the top operators by device time, and how many kernels each head launches.
 
-    python bench/profile_model.py [--device cuda] [--amp] [--heads tsd,sibling] > profile.txt
+    python bench/profile_model.py [--device cuda] [--amp] [--heads tsd,sibling] [--compile MODE] > profile.txt
+
+``--compile`` runs the RoI stages as compiled graphs (``roi.compile``; ``eager`` = not compiled):
+the operator calls it saves are what the GPU waits for at one image per step.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import get_args, get_type_hints
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from tsd_model.config import RoIConfig
 
 
 def main() -> None:
@@ -18,6 +24,8 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--heads", default="tsd,sibling")
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--compile", default="eager", choices=get_args(get_type_hints(RoIConfig)["compile"]))
+    parser.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     args = parser.parse_args()
     from tsd_model.build import build_model
     from tsd_model.config import ModelConfig
@@ -26,12 +34,13 @@ def main() -> None:
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    image = [torch.rand(3, 800, 1216, device=device)]
+    image = [torch.rand(3, *args.size, device=device)]
     target = [{"boxes": torch.tensor([[100.0, 120, 400, 500], [600, 200, 900, 700]], device=device),
                "labels": torch.tensor([1, 7], device=device)}]
     for head in args.heads.split(","):
         cfg = ModelConfig(num_classes=80)
         cfg.roi.head = head
+        cfg.roi.compile = args.compile
         torch.manual_seed(0)
         model = build_model(cfg).to(device)
 
@@ -59,7 +68,7 @@ def main() -> None:
             events = prof.key_averages()
             kernels = sum(e.count for e in events if cuda and e.device_type.name == "CUDA")
             ops = sum(e.count for e in events if e.device_type.name == "CPU")
-            print(f"\n=== {head} {name}: {ops} CPU-side op calls, {kernels} kernel launches")
+            print(f"\n=== {head} {name} (roi.compile={args.compile}): {ops} CPU-side op calls, {kernels} kernel launches")
             print(events.table(sort_by=sort, row_limit=args.rows))
 
 

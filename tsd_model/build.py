@@ -11,6 +11,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from tsd_model.backbones import ROI_FEATURE_MAPS, ROI_FEATURE_STRIDES, build_backbone
 from tsd_model.boxes import box_coder
+from tsd_model.compiled_stage import CompileOptions
 from tsd_model.config import ModelConfig
 from tsd_model.detector import TSDDetector
 from tsd_model.heads import DoubleHead, SiblingHead, TSDHead
@@ -56,7 +57,8 @@ def build_stage(cfg: ModelConfig, in_channels: int, stds: list[float], fg_iou: f
         sibling=sibling, add_gt_as_proposals=roi.add_gt_as_proposals, smooth_l1_beta=roi.smooth_l1_beta,
         pc_cls_margin=tsd.margin_cls if with_pc and tsd.pc_cls else None,
         pc_loc_margin=tsd.margin_loc if with_pc and tsd.pc_loc else None,
-        delta_r_grad_through_targets=tsd.delta_r_grad_through_targets, name_suffix=name_suffix)
+        delta_r_grad_through_targets=tsd.delta_r_grad_through_targets, name_suffix=name_suffix,
+        compile=None if roi.compile == "eager" else CompileOptions(roi.compile, roi.compile_backend))
 
 
 def build_roi_heads(cfg: ModelConfig, in_channels: int, label_ancestors: Tensor | None = None) -> RoIHeads:

@@ -56,6 +56,11 @@ class RoIConfig:
     # what computes P's pooling: the table gather (ops.pool_table), torchvision's roi_align (for
     # aligned / torchvision_legacy; the same values), or auto: roi_align on CUDA, the gather on the CPU
     pool_kernel: Literal["auto", "table", "roi_align"] = "auto"
+    # torch.compile of each stage's pooling and heads as one graph (tsd_model/compiled_stage.py), RoI
+    # counts and feature rows padded to buckets: "eager" (not compiled), or torch.compile's mode ("reduce-overhead"
+    # adds CUDA graphs); compile_backend "aot_eager" captures the same graph without generating code
+    compile: Literal["eager", "default", "reduce-overhead", "max-autotune"] = "eager"
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     representation_size: int = 1024  # width of the 2fc branches
     # "softmax" over the annotated classes, or "sigmoid": multi-label over each class and its ancestors
     # (the hierarchy's; background = all zeros), whose scores cover every level without expansion

@@ -109,18 +109,30 @@ class FeatureTable:
     maps: tuple[Tensor, ...] = ()  # the maps themselves ([N, C, H_l, W_l], not copied): for roi_align
     scale_values: tuple[float, ...] = ()  # ``scales`` as numbers
 
+    @staticmethod
+    def rows_needed(maps: list[Tensor]) -> int:
+        """How many rows the maps fill: ``sum_l N * H_l * W_l``."""
+        return sum(m.shape[0] * m.shape[2] * m.shape[3] for m in maps)
+
     @classmethod
-    def build(cls, maps: list[Tensor], scales: list[float]) -> FeatureTable:
-        """``maps``: ``[N, C, H_l, W_l]`` per level, finest first; ``scales``: their 1/stride."""
+    def build(cls, maps: list[Tensor], scales: list[float], num_rows: int | None = None) -> FeatureTable:
+        """``maps``: ``[N, C, H_l, W_l]`` per level, finest first; ``scales``: their 1/stride.
+
+        ``num_rows`` (at least ``rows_needed``) pads the table with zero rows that no RoI reads: a
+        static shape for compiled graphs (``compiled_stage``) whatever the image size."""
         dtype = torch.promote_types(maps[0].dtype, torch.float32)
         device = maps[0].device
         channels = maps[0].shape[1]
         bases = [0]
         for m in maps:
             bases.append(bases[-1] + m.shape[0] * m.shape[2] * m.shape[3])
-        rows = maps[0].new_empty((bases[-1], channels), dtype=dtype)
+        total = bases[-1] if num_rows is None else num_rows
+        if total < bases[-1]:
+            raise ValueError(f"a table of {total} rows cannot hold the maps' {bases[-1]}")
+        rows = maps[0].new_empty((total, channels), dtype=dtype)
         for m, start, end in zip(maps, bases, bases[1:], strict=False):  # one copy each, with the cast
             rows[start:end].view(m.shape[0], m.shape[2], m.shape[3], channels).copy_(m.permute(0, 2, 3, 1))
+        rows[bases[-1]:].zero_()
         bases.pop()
         sizes = torch.tensor([[m.shape[3], m.shape[2]] for m in maps], device=device)
         return cls(rows, torch.tensor(bases, device=device), sizes, torch.tensor(scales, dtype=dtype, device=device),
@@ -292,8 +304,12 @@ class MultiScaleDeformRoIPool(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.rule = rule
 
-    def table(self, features: dict[str, Tensor]) -> FeatureTable:
-        return FeatureTable.build([features[name] for name in self.featmap_names], [1.0 / s for s in self.strides])
+    def maps(self, features: dict[str, Tensor]) -> list[Tensor]:
+        """The FPN maps this pooling reads, finest first."""
+        return [features[name] for name in self.featmap_names]
+
+    def table(self, features: dict[str, Tensor], num_rows: int | None = None) -> FeatureTable:
+        return FeatureTable.build(self.maps(features), [1.0 / s for s in self.strides], num_rows)
 
     def levels_of(self, table: FeatureTable, boxes: Tensor) -> Tensor:
         """The level of each box under this pooling's size convention."""

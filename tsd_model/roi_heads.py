@@ -22,6 +22,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 
 from tsd_model import losses as L
 from tsd_model.boxes import BoxCoder
+from tsd_model.compiled_stage import CompileOptions, run_compiled
 from tsd_model.config import TestConfig
 from tsd_model.heads import DoubleHead, HeadOutput, RoIFeatures, SiblingHead, TSDHead
 from tsd_model.ops import MultiScaleDeformRoIPool, rois_of
@@ -69,13 +70,14 @@ class RoIStage(nn.Module):
         pc_cls_margin, pc_loc_margin: margins of Mcls / Mloc, None to leave a constraint out.
         delta_r_grad_through_targets: dR also gets gradient through the targets coded against P-hat-r.
         name_suffix: appended to every loss name (``_s1`` for a cascade's second stage).
+        compile: run the pooling and heads as one compiled graph (``compiled_stage``), or None (eager).
     """
 
     def __init__(self, head: nn.Module, pool: MultiScaleDeformRoIPool, coder: BoxCoder, matcher: det_utils.Matcher,
                  sampler: det_utils.BalancedPositiveNegativeSampler, *, sibling: SiblingHead | None = None,
                  add_gt_as_proposals: bool = True, smooth_l1_beta: float = 1.0, pc_cls_margin: float | None = None,
                  pc_loc_margin: float | None = None, delta_r_grad_through_targets: bool = True,
-                 name_suffix: str = "") -> None:
+                 name_suffix: str = "", compile: CompileOptions | None = None) -> None:
         super().__init__()
         self.head_attr, self.head_type = _HEAD_NAMES[type(head)]
         if sibling is not None and self.head_attr == "sibling":
@@ -93,6 +95,7 @@ class RoIStage(nn.Module):
         self.pc_cls_margin, self.pc_loc_margin = pc_cls_margin, pc_loc_margin
         self.delta_r_grad_through_targets = delta_r_grad_through_targets
         self.suffix = name_suffix
+        self.compile = compile
 
     @property
     def head(self) -> nn.Module:
@@ -135,13 +138,15 @@ class RoIStage(nn.Module):
     def run(self, features: dict[str, Tensor], proposals: list[Tensor], with_sibling: bool) -> StageOutput:
         """The head's outputs for the RoIs ``proposals`` (per image, concatenated in the outputs)."""
         rois = rois_of(proposals)
+        sibling = self.sibling if with_sibling and self.joint_sibling else None
+        if self.compile is not None:
+            return StageOutput(*run_compiled(self.pool, self.head, sibling, features, rois, self.compile))
         table = self.pool.table(features)  # shared by P, P-hat-c and P-hat-r
         levels = self.pool.levels_of(table, rois[:, 1:])  # P-hat-c and P-hat-r are pooled at the level of P
         pooled = self.pool(table, rois, levels).to(features[self.pool.featmap_names[0]].dtype)
         roi_features = RoIFeatures(rois, levels, pooled, table)
         main = self.head(roi_features)
-        sibling = self.sibling(roi_features) if with_sibling and self.joint_sibling else None
-        return StageOutput(roi_features, main, sibling)
+        return StageOutput(roi_features, main, sibling(roi_features) if sibling is not None else None)
 
     def losses(self, out: StageOutput, sampled: SampledRoIs, ancestors: Tensor | None = None) -> dict[str, Tensor]:
         """Named losses; each is a mean over the images of per-image means. With ``ancestors`` (the
@@ -262,6 +267,9 @@ class RoIHeads(nn.Module):
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None):
+        for stage in self.stages:
+            if stage.compile is not None:
+                stage.compile.begin_step()
         if self.training:
             assert targets is not None
             losses: dict[str, Tensor] = {}

@@ -1,0 +1,117 @@
+"""A RoI stage's pooling and heads as one compiled graph (``roi.compile``), its shapes padded to buckets.
+
+At one image per step the GPU waits for Python: TSD's RoI stage issues ~500 more operator calls
+per inference than the sibling's (BENCHMARKS.md), each launching small kernels. Under
+``torch.compile`` (inductor) the pooling of P, the head (for TSD: the offset nets, the pooling of
+P-hat-c and P-hat-r, both branches) and, in training, the jointly trained sibling become one
+graph whose elementwise work is fused into a few kernels; ``mode="reduce-overhead"`` replays it
+as a CUDA graph. Matching, box coding, losses and post-processing stay eager: they wait for the
+host (``nonzero``, NMS) and would split the graph.
+
+The graph's shapes are static, so that one compilation serves many batches and a CUDA graph can
+replay: the RoI count is padded up to ``bucket(n)`` (the next number with four significant bits:
+at most 12.5 % padding, eight sizes per octave) and the feature table's rows likewise (zero rows
+that nothing reads), so every image size and RoI count of a bucket runs the same graph. Padded
+RoIs are real boxes ``[0, 0, 1, 1]`` of image 0 whose outputs are cut off, so the real RoIs'
+values and gradients are the eager stage's. Inside the graph P is pooled by the table gather
+(``ops.pool_table``): the per-level ``roi_align`` path needs the per-level counts on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from tsd_model.heads import HeadOutput, RoIFeatures, TSDGeometry, TSDHead
+from tsd_model.ops import FeatureTable, pool_table
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+CompileBackend = Literal["inductor", "aot_eager"]
+
+# one cache entry per stage, bucket of RoIs, bucket of rows, training / inference and autocast
+# state: a cascade of three stages with a few buckets each passes torch's default limit of 8
+RECOMPILE_LIMIT = 64
+PAD_BOX = (0.0, 0.0, 1.0, 1.0)  # what a padded RoI pools (image 0); its outputs are dropped
+
+
+def bucket(n: int, minimum: int = 64) -> int:
+    """``n`` rounded up to a number with four significant bits (``minimum`` at least): the padded
+    size of ``n`` RoIs or table rows; at most 12.5 % larger than ``n``."""
+    if n <= minimum:
+        return minimum
+    step = 1 << max(n.bit_length() - 4, 0)
+    return -(-n // step) * step
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How the stage is compiled: torch.compile's ``mode`` (inductor) or a capture-only backend.
+
+    ``aot_eager`` traces the same graph (forward and backward) without generating code: it shows
+    that the stage compiles as one graph and gives the eager values, in seconds on a CPU.
+    """
+
+    mode: CompileMode = "default"
+    backend: CompileBackend = "inductor"
+
+    def compiled(self):
+        return _compiled(self.mode, self.backend)
+
+    def begin_step(self) -> None:
+        """Called at the start of each forward of the model: CUDA graphs may reuse the memory of
+        the previous step's outputs from here on (``torch.compiler.cudagraph_mark_step_begin``)."""
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+
+
+@cache
+def _compiled(mode: CompileMode, backend: CompileBackend):
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    options = {"mode": mode} if backend == "inductor" else {}
+    return torch.compile(_stage_graph, fullgraph=True, dynamic=False, backend=backend, **options)
+
+
+def _stage_graph(pool: nn.Module, head: nn.Module, sibling: nn.Module | None, rows: Tensor, base: Tensor,
+                 sizes: Tensor, scales: Tensor, k_min: int, rois: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """What is compiled: P's levels and pooling, the head and the sibling, on padded inputs."""
+    table = FeatureTable(rows, base, sizes, scales, k_min)
+    levels = pool.levels_of(table, rois[:, 1:])
+    pooled = pool_table(table, rois, levels, None, pool.output_size, pool.sampling_ratio, pool.rule).to(dtype)
+    features = RoIFeatures(rois, levels, pooled, table)
+    main = head(features)
+    out = (levels, pooled, main.logits, main.deltas, main.reg_boxes)
+    if main.geometry is not None:
+        out += (main.geometry.delta_c, main.geometry.delta_r)
+    if sibling is not None:
+        side = sibling(features)
+        out += (side.logits, side.deltas)
+    return out
+
+
+def run_compiled(pool: nn.Module, head: nn.Module, sibling: nn.Module | None, features: dict[str, Tensor],
+                 rois: Tensor, options: CompileOptions) -> tuple[RoIFeatures, HeadOutput, HeadOutput | None]:
+    """The eager ``RoIStage.run``'s outputs for ``rois`` (``[R, 5]``), through the compiled graph."""
+    maps = pool.maps(features)
+    table = pool.table(features, num_rows=bucket(FeatureTable.rows_needed(maps), minimum=1024))
+    num = rois.shape[0]
+    padded = torch.cat([rois, rois.new_tensor((0.0, *PAD_BOX)).expand(bucket(num) - num, 5)])
+    out = options.compiled()(pool, head, sibling, table.rows, table.base, table.sizes, table.scales, table.k_min,
+                             padded, maps[0].dtype)
+    # a CUDA graph's outputs live in memory that its next replay overwrites: keep copies
+    keep = (lambda t: t[:num].clone()) if options.mode == "reduce-overhead" else (lambda t: t[:num])
+    levels, pooled, logits, deltas, reg_boxes, *rest = (keep(t) for t in out)
+    roi_features = RoIFeatures(rois, levels, pooled, table)
+    geometry = None
+    if isinstance(head, TSDHead):
+        delta_c, delta_r, *rest = rest
+        geometry = TSDGeometry(rois[:, 1:], delta_c, delta_r, reg_boxes, head.deform_pool, head.gamma)
+    main = HeadOutput(logits, deltas, reg_boxes, geometry)
+    side = None
+    if sibling is not None:
+        side_logits, side_deltas = rest
+        side = HeadOutput(side_logits, side_deltas, rois[:, 1:])
+    return roi_features, main, side
