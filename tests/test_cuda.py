@@ -187,3 +187,22 @@ def test_compiled_roi_stages_on_cuda_equal_eager_under_amp(mode):
         for eager, compiled in zip(detections, c_detections, strict=True):
             n = min(len(eager["scores"]), len(compiled["scores"]), 10)
             torch.testing.assert_close(compiled["scores"][:n], eager["scores"][:n], atol=1e-2, rtol=1e-2)
+
+
+def test_the_feature_table_and_the_loss_weights_do_not_wait_for_the_gpu():
+    """No host-to-device copies of Python numbers per step: each would wait for the GPU's queue."""
+    from tsd_model.losses import per_image_weights
+    from tsd_model.ops import FeatureTable
+
+    maps = [torch.randn(2, 8, 40, 48, device=CUDA), torch.randn(2, 8, 20, 24, device=CUDA)]
+    mask = torch.rand(8, device=CUDA) > 0.5
+    FeatureTable.build(maps, [0.25, 0.125])  # the layout's small tensors are made once, here
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        table = FeatureTable.build(maps, [0.25, 0.125], num_rows=FeatureTable.rows_needed(maps) + 64)
+        weights = per_image_weights([3, 0, 5], device=CUDA)
+        masked = per_image_weights([3, 0, 5], mask)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert table.rows.shape[0] == 2 * (40 * 48 + 20 * 24) + 64
+    assert weights.device.type == masked.device.type == "cuda"

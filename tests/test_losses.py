@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tsd_model.boxes import paired_iou
-from tsd_model.losses import box_regression_loss, pc_cls_loss, pc_loc_loss
+from tsd_model.losses import box_regression_loss, pc_cls_loss, pc_loc_loss, per_image_weights
 
 
 def test_pc_cls_hand_computed():
@@ -86,3 +86,20 @@ def test_box_coder_gives_torchvisions_numbers():
     per_class = torch.randn(50, 3, 4, generator=g)  # [R, K, 4] against [R, 1, 4]
     torch.testing.assert_close(ours.decode_single(per_class, ref[:, None, :]),
                                theirs.decode_single(per_class.reshape(50, 12), ref).view(50, 3, 4))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_per_image_weights_give_the_mean_over_images_of_per_image_means(masked):
+    counts = [3, 0, 5, 2]
+    values = torch.arange(10.0) ** 2
+    mask = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0, 0, 0], dtype=torch.bool) if masked else None  # image 3: none
+    weights = per_image_weights(counts, mask)
+    means = []
+    for chunk, keep in zip(values.split(counts), (mask if masked else torch.ones(10, dtype=torch.bool)).split(counts),
+                           strict=True):
+        if keep.any():
+            means.append(chunk[keep].mean())
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert (weights * values).sum().item() == pytest.approx(torch.stack(means).mean().item())
+    if masked:
+        assert weights[~mask].eq(0).all()

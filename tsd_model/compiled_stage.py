@@ -35,7 +35,6 @@ CompileBackend = Literal["inductor", "aot_eager"]
 # one cache entry per stage, bucket of RoIs, bucket of rows, training / inference and autocast
 # state: a cascade of three stages with a few buckets each passes torch's default limit of 8
 RECOMPILE_LIMIT = 64
-PAD_BOX = (0.0, 0.0, 1.0, 1.0)  # what a padded RoI pools (image 0); its outputs are dropped
 
 
 def bucket(n: int, minimum: int = 64) -> int:
@@ -98,7 +97,9 @@ def run_compiled(pool: nn.Module, head: nn.Module, sibling: nn.Module | None, fe
     maps = pool.maps(features)
     table = pool.table(features, num_rows=bucket(FeatureTable.rows_needed(maps), minimum=1024))
     num = rois.shape[0]
-    padded = torch.cat([rois, rois.new_tensor((0.0, *PAD_BOX)).expand(bucket(num) - num, 5)])
+    pad = rois.new_zeros((bucket(num) - num, 5))  # made on the device: no host-to-device copy to wait for
+    pad[:, 3:].fill_(1.0)  # image 0, the box [0, 0, 1, 1]
+    padded = torch.cat([rois, pad])
     out = options.compiled()(pool, head, sibling, table.rows, table.base, table.sizes, table.scales, table.k_min,
                              padded, maps[0].dtype)
     # a CUDA graph's outputs live in memory that its next replay overwrites: keep copies

@@ -15,17 +15,20 @@ from torch import Tensor
 from tsd_model.boxes import paired_iou
 
 
-def per_image_weights(counts: list[int], mask: Tensor | None = None) -> Tensor:
+def per_image_weights(counts: list[int], mask: Tensor | None = None, device: torch.device | None = None) -> Tensor:
     """Weights of concatenated per-image items such that a weighted sum is the mean over images
-    of per-image means; with ``mask``, only masked items count (images without any are left out)."""
-    device = mask.device if mask is not None else None
-    image = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-    keep = torch.ones(len(image), dtype=torch.bool, device=device) if mask is None else mask
-    per_image = torch.bincount(image[keep], minlength=len(counts)).float()
+    of per-image means; with ``mask``, only masked items count (images without any are left out).
+
+    Made on ``device`` (``mask``'s) from fills, not from a tensor of ``counts``: on a GPU a tensor
+    made from host numbers is a copy that waits for every queued kernel."""
+    device = mask.device if mask is not None else device
+    if mask is None:  # every item counts: the weights are known on the host
+        share = 1.0 / max(sum(1 for c in counts if c), 1)
+        return torch.cat([torch.full((c,), share / c if c else 0.0, device=device) for c in counts])
+    image = torch.cat([torch.full((c,), i, dtype=torch.long, device=device) for i, c in enumerate(counts)])
+    per_image = torch.zeros(len(counts), device=device).index_add_(0, image, mask.float())  # no bincount: it syncs
     images_with_items = (per_image > 0).sum().clamp(min=1)
-    weights = torch.where(keep, 1.0 / (per_image[image].clamp(min=1) * images_with_items),
-                          torch.zeros((), device=device))
-    return weights
+    return torch.where(mask, 1.0 / (per_image[image].clamp(min=1) * images_with_items), torch.zeros((), device=device))
 
 
 def _reduce(values: Tensor, weights: Tensor | None) -> Tensor:

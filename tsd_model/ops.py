@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal, get_args
 
 import torch
@@ -134,14 +135,25 @@ class FeatureTable:
             rows[start:end].view(m.shape[0], m.shape[2], m.shape[3], channels).copy_(m.permute(0, 2, 3, 1))
         rows[bases[-1]:].zero_()
         bases.pop()
-        sizes = torch.tensor([[m.shape[3], m.shape[2]] for m in maps], device=device)
-        return cls(rows, torch.tensor(bases, device=device), sizes, torch.tensor(scales, dtype=dtype, device=device),
-                   int(round(-math.log2(scales[0]))), tuple(maps), tuple(float(x) for x in scales))
+        base, sizes, scale = _layout_tensors(tuple(bases), tuple((m.shape[3], m.shape[2]) for m in maps),
+                                             tuple(float(x) for x in scales), dtype, device)
+        return cls(rows, base, sizes, scale, int(round(-math.log2(scales[0]))), tuple(maps),
+                   tuple(float(x) for x in scales))
 
     def levels_of(self, boxes: Tensor, plus_one: bool = False) -> Tensor:
         """The level (0 = finest) at which each ``[K, 4]`` box is pooled (FPN eq. 1); ``plus_one``
         measures sizes as ``x2 - x1 + 1`` (mmdetection v1, the TSD authors)."""
         return fpn_levels(boxes, self.k_min, self.k_min + len(self.scales) - 1, plus_one=plus_one)
+
+
+@lru_cache(maxsize=256)
+def _layout_tensors(bases: tuple[int, ...], sizes: tuple[tuple[int, int], ...], scales: tuple[float, ...],
+                    dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """A table's ``base``, ``sizes`` and ``scales`` on ``device``, made once per layout: a tensor made
+    from Python numbers on a GPU is a host-to-device copy that waits for the GPU's queue to drain.
+    Read only (never written in place), so shared by every table of that layout."""
+    return (torch.tensor(bases, device=device), torch.tensor(sizes, device=device),
+            torch.tensor(scales, dtype=dtype, device=device))
 
 
 def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tensor | None, output_size: int,

@@ -154,7 +154,7 @@ class RoIStage(nn.Module):
         ancestors (``losses.multilabel_targets``) instead of the softmax over classes."""
         labels, gt_boxes, counts = sampled.labels, sampled.gt_boxes, sampled.counts
         boxes = out.rois.boxes
-        w = L.per_image_weights(counts).to(boxes.device)
+        w = L.per_image_weights(counts, device=boxes.device)
         pos = torch.nonzero(labels > 0).flatten()  # once: each nonzero waits for the device
         gt_pos = gt_boxes[pos]  # regression targets exist for positives only
 
