@@ -20,9 +20,12 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import torch
 from torchvision.ops import roi_align
+
+from tsd_model.config import RoIConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,10 +47,12 @@ def best_time(fn, repeats: int, device: str) -> float:
     return best
 
 
-def alternate(fns: dict, repeats: int, device: str) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Each contender once per round, rounds repeated; the best time of each and every round's times."""
-    for fn in fns.values():
-        fn()
+def alternate(fns: dict, repeats: int, device: str, warmup: int = 1) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each contender once per round, rounds repeated; the best time of each and every round's times.
+    ``warmup`` untimed rounds first (compiled graphs: the compilation, CUDA graphs' recording)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     _sync(device)
     rounds: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
@@ -86,7 +91,8 @@ def bench_pooling(device: str, repeats: int) -> dict:
             "ratio": round(t["deform_roi_pool"] / t["roi_align"], 2)}
 
 
-def inference_parts(tsd, sibling, image: list[torch.Tensor], repeats: int, device: str, amp: bool) -> dict:
+def inference_parts(tsd, sibling, image: list[torch.Tensor], repeats: int, device: str, amp: bool,
+                    warmup: int = 1) -> dict:
     """Inference in two parts, each timed best-of-N on its own: what both models share (transform,
     backbone, RPN: the sibling's, same architecture) and each model's RoI heads on the same
     features and proposals. The short head runs find quiet moments of a shared machine far more
@@ -111,12 +117,13 @@ def inference_parts(tsd, sibling, image: list[torch.Tensor], repeats: int, devic
         return run
 
     t_shared, _ = alternate({"shared": shared}, max(3, repeats // 10), device)
-    t_heads, _ = alternate({"tsd": heads(tsd), "sibling": heads(sibling)}, repeats, device)
+    t_heads, _ = alternate({"tsd": heads(tsd), "sibling": heads(sibling)}, repeats, device, warmup)
     return {"shared": round(t_shared["shared"] * 1000, 1), "roi_heads_tsd": round(t_heads["tsd"] * 1000, 1),
             "roi_heads_sibling": round(t_heads["sibling"] * 1000, 1), "proposals": sum(len(p) for p in proposals)}
 
 
-def bench_detector(device: str, repeats: int, amp: bool) -> dict:
+def bench_detector(device: str, repeats: int, amp: bool, compile: str = "eager") -> dict:
+    """TSD, the sibling head and torchvision's Faster R-CNN; ``compile``: our two models' ``roi.compile``."""
     from tsd_model.build import build_model
     from tsd_model.config import ModelConfig
 
@@ -124,6 +131,7 @@ def bench_detector(device: str, repeats: int, amp: bool) -> dict:
     for head in ("tsd", "sibling"):
         cfg = ModelConfig(num_classes=80)
         cfg.roi.head = head
+        cfg.roi.compile = compile
         torch.manual_seed(0)
         models[head] = build_model(cfg).to(device)
     # the reference the sibling head is checked against: torchvision's own Faster R-CNN (same
@@ -152,10 +160,12 @@ def bench_detector(device: str, repeats: int, amp: bool) -> dict:
             model.zero_grad(set_to_none=True)
         return run
 
-    t_inf, r_inf = alternate({h: infer(m) for h, m in models.items()}, 3 * repeats, device)  # 3x: inference is cheap
-    parts = inference_parts(models["tsd"], models["sibling"], image, 10 * repeats, device, amp)
-    t_train, r_train = alternate({h: train(m) for h, m in models.items()}, repeats, device)
+    warmup = 1 if compile == "eager" else 3  # compiling, then CUDA graphs' warm-up and recording
+    t_inf, r_inf = alternate({h: infer(m) for h, m in models.items()}, 3 * repeats, device, warmup)  # inference is cheap
+    parts = inference_parts(models["tsd"], models["sibling"], image, 10 * repeats, device, amp, warmup)
+    t_train, r_train = alternate({h: train(m) for h, m in models.items()}, repeats, device, warmup)
     return {
+        "roi_compile": compile,
         "inference_ms": {k: round(v * 1000, 1) for k, v in t_inf.items()},
         "inference_ratio_tsd_vs_sibling": round(t_inf["tsd"] / t_inf["sibling"], 3),
         "inference_ratio_tsd_vs_sibling_paired_median": round(paired_ratio(r_inf, "tsd", "sibling"), 3),
@@ -176,6 +186,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--skip-detector", action="store_true")
+    parser.add_argument("--compile", default="eager", choices=get_args(get_type_hints(RoIConfig)["compile"]),
+                        help="roi.compile of the TSD and sibling models")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "model.json"))
     args = parser.parse_args()
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
@@ -183,7 +195,7 @@ def main() -> None:
     result = {"machine": machine, "torch": torch.__version__, "device": args.device, "amp": args.amp,
               "pooling": bench_pooling(args.device, args.repeats)}
     if not args.skip_detector:
-        result["detector"] = bench_detector(args.device, args.repeats, args.amp)
+        result["detector"] = bench_detector(args.device, args.repeats, args.amp, args.compile)
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -124,8 +124,9 @@ class RoIStage(nn.Module):
                 matched = self.matcher(box_iou(gt_boxes, props))
                 gts = gt_boxes[matched.clamp(min=0)]
                 labels = gt_labels[matched.clamp(min=0)] + 1
-                labels[matched == det_utils.Matcher.BELOW_LOW_THRESHOLD] = 0
-                labels[matched == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
+                # torch.where, not masked assignment: that is a nonzero, which waits for the GPU
+                labels = torch.where(matched == det_utils.Matcher.BELOW_LOW_THRESHOLD, 0, labels)
+                labels = torch.where(matched == det_utils.Matcher.BETWEEN_THRESHOLDS, -1, labels)
             pos, neg = self.sampler([labels])
             keep = torch.nonzero(pos[0] | neg[0]).flatten()
             sampled.append(props[keep])
