@@ -100,9 +100,10 @@ def _rois(count: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.zeros(count, 1), xy, xy + torch.rand(count, 2, generator=g) * 90 + 2], dim=1)
 
 
-def test_one_graph_serves_every_image_size_and_roi_count_of_a_bucket():
+def test_one_graph_serves_every_image_size_and_every_roi_count_of_a_bucket():
     _, model = eager_and_compiled()
     stage = model.roi_heads.stages[0].eval()
+    torch._dynamo.reset()  # graphs of the other tests' (alike) models would serve these shapes too
     head, pool = stage.tsd, stage.pool
     # 160 x 224 and 192 x 192 fill 2,975 and 3,060 rows (bucket 3,072); 66 and 72 RoIs: bucket 72
     cases = [(160, 224, 66), (192, 192, 72), (192, 192, 66)]
@@ -122,6 +123,9 @@ def test_one_graph_serves_every_image_size_and_roi_count_of_a_bucket():
         torch.testing.assert_close(main.reg_boxes, eager.reg_boxes)
         torch.testing.assert_close(main.geometry.delta_c, eager.geometry.delta_c)
     assert graphs[1] == graphs[2] == graphs[0]  # no recompilation after the first batch
+    with torch.no_grad():  # images 4x the size, another bucket of rows: the same graph
+        _, main, _ = run_compiled(pool, head, None, _features(320, 448, 3), _rois(70, 3), CAPTURE)
+    assert counters["stats"]["unique_graphs"] == graphs[0]
     with torch.no_grad():  # another bucket of RoIs: one more graph
         run_compiled(pool, head, None, _features(160, 224, 3), _rois(200, 3), CAPTURE)
     assert counters["stats"]["unique_graphs"] == graphs[0] + 1

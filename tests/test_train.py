@@ -49,10 +49,13 @@ def _final_state(summary: dict) -> dict:
 
 
 def test_two_workers_equal_one_worker_and_tensorboard_has_the_tags(shards, tmp_path):
+    """Two DDP workers with their RoI stages compiled (``roi.compile``, captured by aot_eager)
+    end with the weights of one eager worker on the same global batches."""
     common = [*EXACT, "train.max_iterations=3", "train.checkpoint_every=3", "train.warmup_iterations=0"]
     one = run_training(_cfg(shards, tmp_path, "one", *common, "train.num_workers=1", "train.images_per_worker=2",
                             "train.image_log_every=2"))
-    two = run_training(_cfg(shards, tmp_path, "two", *common, "train.num_workers=2", "train.images_per_worker=1"))
+    two = run_training(_cfg(shards, tmp_path, "two", *common, "train.num_workers=2", "train.images_per_worker=1",
+                            "model.roi.compile=default", "model.roi.compile_backend=aot_eager"))
     assert one["metrics"]["iteration"] == two["metrics"]["iteration"] == 3
     a, b = _final_state(one)["model"], _final_state(two)["model"]
     initial = _initial_state()

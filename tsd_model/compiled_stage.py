@@ -8,12 +8,14 @@ graph whose elementwise work is fused into a few kernels; ``mode="reduce-overhea
 as a CUDA graph. Matching, box coding, losses and post-processing stay eager: they wait for the
 host (``nonzero``, NMS) and would split the graph.
 
-The graph's shapes are static, so that one compilation serves many batches and a CUDA graph can
-replay: the RoI count is padded up to ``bucket(n)`` (the next number with four significant bits:
-at most 12.5 % padding, eight sizes per octave) and the feature table's rows likewise (zero rows
-that nothing reads), so every image size and RoI count of a bucket runs the same graph. Padded
-RoIs are real boxes ``[0, 0, 1, 1]`` of image 0 whose outputs are cut off, so the real RoIs'
-values and gradients are the eager stage's. Inside the graph P is pooled by the table gather
+One compilation serves every image size: the feature table's row count is a symbolic size of
+the graph (``mark_dynamic``). The RoI count is static, padded up to ``bucket(n)`` (the next
+number with four significant bits: at most 12.5 % padding, eight sizes per octave; one
+compilation per bucket, and a training run's RoI count is the same every step once the
+proposals fill the sampler). The table's rows are padded to buckets too (zero rows that nothing
+reads), so that CUDA graphs, which are recorded per shape, record few. Padded RoIs are real boxes
+``[0, 0, 1, 1]`` of image 0 whose outputs are cut off, so the real RoIs' values and gradients
+are the eager stage's. Inside the graph P is pooled by the table gather
 (``ops.pool_table``): the per-level ``roi_align`` path needs the per-level counts on the host.
 """
 
@@ -32,8 +34,8 @@ from tsd_model.ops import FeatureTable, pool_table
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 CompileBackend = Literal["inductor", "aot_eager"]
 
-# one cache entry per stage, bucket of RoIs, bucket of rows, training / inference and autocast
-# state: a cascade of three stages with a few buckets each passes torch's default limit of 8
+# one cache entry per stage, bucket of RoIs, training / inference and autocast state: a cascade
+# of three stages with a few buckets each passes torch's default limit of 8
 RECOMPILE_LIMIT = 64
 
 
@@ -100,6 +102,7 @@ def run_compiled(pool: nn.Module, head: nn.Module, sibling: nn.Module | None, fe
     pad = rois.new_zeros((bucket(num) - num, 5))  # made on the device: no host-to-device copy to wait for
     pad[:, 3:].fill_(1.0)  # image 0, the box [0, 0, 1, 1]
     padded = torch.cat([rois, pad])
+    torch._dynamo.mark_dynamic(table.rows, 0)  # one graph for every image size
     out = options.compiled()(pool, head, sibling, table.rows, table.base, table.sizes, table.scales, table.k_min,
                              padded, maps[0].dtype)
     # a CUDA graph's outputs live in memory that its next replay overwrites: keep copies
