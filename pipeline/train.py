@@ -236,6 +236,9 @@ def train_worker(loop_config: dict) -> None:
     if dataset.skipped and rank == 0:
         print(f"[tsd train] left out {sum(dataset.skipped.values())} samples of missing or truncated shards: "
               f"{dataset.skipped} (re-run `tsd prep` to restore them)", flush=True)
+    if rank == 0 and cfg.model.roi.compile != "eager":
+        print(f"[tsd train] RoI stages compiled (model.roi.compile={cfg.model.roi.compile}): the first step with each "
+              f"RoI count bucket compiles (tens of seconds)", flush=True)
     plan = batch_plan(tc, world)
     if rank == 0 and world != tc.num_workers:
         print(f"[tsd train] {world} of {tc.num_workers} workers: the global batch stays {plan.global_batch} images "
