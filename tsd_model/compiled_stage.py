@@ -21,6 +21,7 @@ are the eager stage's. Inside the graph P is pooled by the table gather
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -59,7 +60,8 @@ class CompileOptions:
     mode: CompileMode = "default"
     backend: CompileBackend = "inductor"
 
-    def compiled(self):
+    def compiled(self) -> Callable[..., tuple[Tensor, ...]]:
+        """The compiled ``_stage_graph``, one per options in a process (its graphs are cached by torch)."""
         return _compiled(self.mode, self.backend)
 
     def begin_step(self) -> None:
@@ -70,7 +72,8 @@ class CompileOptions:
 
 
 @cache
-def _compiled(mode: CompileMode, backend: CompileBackend):
+def _compiled(mode: CompileMode, backend: CompileBackend) -> Callable[..., tuple[Tensor, ...]]:
+    # fullgraph: a graph break would silently split the stage back into many small graphs
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     options = {"mode": mode} if backend == "inductor" else {}
     return torch.compile(_stage_graph, fullgraph=True, dynamic=False, backend=backend, **options)

@@ -98,9 +98,8 @@ class PooledLinear(nn.Linear):
         flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # a view: no copy
         if torch.compiler.is_compiling():  # in a compiled graph the reordered weight is one fused copy
             return F.linear(flat, self._channels_last_weight(), self.bias)
-        if torch.is_grad_enabled():  # training: the kept copy would go stale at the next step
-            self._cached = None
         if torch.is_grad_enabled():
+            self._cached = None  # training: the kept copy would go stale at the next step
             if x.shape[0] < self.out_features:  # reordering the features is the smaller copy
                 return super().forward(x.contiguous().flatten(1))
             return F.linear(flat, self._channels_last_weight(), self.bias)

@@ -119,8 +119,8 @@ class FeatureTable:
     def build(cls, maps: list[Tensor], scales: list[float], num_rows: int | None = None) -> FeatureTable:
         """``maps``: ``[N, C, H_l, W_l]`` per level, finest first; ``scales``: their 1/stride.
 
-        ``num_rows`` (at least ``rows_needed``) pads the table with zero rows that no RoI reads: a
-        static shape for compiled graphs (``compiled_stage``) whatever the image size."""
+        ``num_rows`` (at least ``rows_needed``) pads the table with zero rows that no RoI reads: few
+        distinct shapes across image sizes, for CUDA graphs (``compiled_stage``)."""
         dtype = torch.promote_types(maps[0].dtype, torch.float32)
         device = maps[0].device
         channels = maps[0].shape[1]
