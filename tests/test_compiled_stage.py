@@ -129,3 +129,18 @@ def test_one_graph_serves_every_image_size_and_every_roi_count_of_a_bucket():
     with torch.no_grad():  # another bucket of RoIs: one more graph
         run_compiled(pool, head, None, _features(160, 224, 3), _rois(200, 3), CAPTURE)
     assert counters["stats"]["unique_graphs"] == graphs[0] + 1
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_model_that_ran_under_inference_mode_still_trains(compiled):
+    """What the model caches (box-coder weights, the feature table's layout) is made outside
+    ``torch.inference_mode``: inference tensors would fail the next training step's backward."""
+    model = eager_and_compiled()[int(compiled)]
+    images, targets = toy_batch()
+    model.eval()
+    with torch.inference_mode():
+        model(images)
+    model.train()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert model.roi_heads.stages[0].tsd.branches.cls_score.weight.grad is not None

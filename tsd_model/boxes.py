@@ -29,7 +29,8 @@ class BoxCoder:
     def _weight_tensor(self, like: Tensor) -> Tensor:
         key = (like.device, like.dtype)
         if key not in self._weights:
-            self._weights[key] = torch.tensor(self.weights, dtype=like.dtype, device=like.device)
+            with torch.inference_mode(False):  # kept for training too, so never an inference tensor
+                self._weights[key] = torch.tensor(self.weights, dtype=like.dtype, device=like.device)
         return self._weights[key]
 
     def encode_single(self, gt_boxes: Tensor, reference: Tensor) -> Tensor:

@@ -151,9 +151,11 @@ def _layout_tensors(bases: tuple[int, ...], sizes: tuple[tuple[int, int], ...], 
                     dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """A table's ``base``, ``sizes`` and ``scales`` on ``device``, made once per layout: a tensor made
     from Python numbers on a GPU is a host-to-device copy that waits for the GPU's queue to drain.
-    Read only (never written in place), so shared by every table of that layout."""
-    return (torch.tensor(bases, device=device), torch.tensor(sizes, device=device),
-            torch.tensor(scales, dtype=dtype, device=device))
+    Read only (never written in place), so shared by every table of that layout; made outside
+    ``torch.inference_mode`` even when first asked for there, so that training may use them too."""
+    with torch.inference_mode(False):
+        return (torch.tensor(bases, device=device), torch.tensor(sizes, device=device),
+                torch.tensor(scales, dtype=dtype, device=device))
 
 
 def pool_table(table: FeatureTable, rois: Tensor, levels: Tensor, offsets: Tensor | None, output_size: int,
