@@ -28,6 +28,7 @@ from torchvision.ops import roi_align
 from tsd_model.config import RoIConfig
 
 REPO = Path(__file__).resolve().parents[1]
+COMPILE_CHOICES = get_args(get_type_hints(RoIConfig)["compile"])  # roi.compile's values, for --compile
 
 
 def _sync(device: str) -> None:
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--skip-detector", action="store_true")
-    parser.add_argument("--compile", default="eager", choices=get_args(get_type_hints(RoIConfig)["compile"]),
+    parser.add_argument("--compile", default="eager", choices=COMPILE_CHOICES,
                         help="roi.compile of the TSD and sibling models")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "model.json"))
     args = parser.parse_args()

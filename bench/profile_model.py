@@ -10,12 +10,10 @@ the operator calls it saves are what the GPU waits for at one image per step.
 from __future__ import annotations
 
 import argparse
-from typing import get_args, get_type_hints
 
 import torch
+from bench_model import COMPILE_CHOICES
 from torch.profiler import ProfilerActivity, profile
-
-from tsd_model.config import RoIConfig
 
 
 def main() -> None:
@@ -24,7 +22,7 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--heads", default="tsd,sibling")
     parser.add_argument("--rows", type=int, default=15)
-    parser.add_argument("--compile", default="eager", choices=get_args(get_type_hints(RoIConfig)["compile"]))
+    parser.add_argument("--compile", default="eager", choices=COMPILE_CHOICES)
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     args = parser.parse_args()
     from tsd_model.build import build_model

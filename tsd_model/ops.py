@@ -133,12 +133,13 @@ class FeatureTable:
         rows = maps[0].new_empty((total, channels), dtype=dtype)
         for m, start, end in zip(maps, bases, bases[1:], strict=False):  # one copy each, with the cast
             rows[start:end].view(m.shape[0], m.shape[2], m.shape[3], channels).copy_(m.permute(0, 2, 3, 1))
-        rows[bases[-1]:].zero_()
+        if total > bases[-1]:  # only padded tables: an eager step pays no extra operator call
+            rows[bases[-1]:].zero_()
         bases.pop()
+        scale_values = tuple(float(x) for x in scales)
         base, sizes, scale = _layout_tensors(tuple(bases), tuple((m.shape[3], m.shape[2]) for m in maps),
-                                             tuple(float(x) for x in scales), dtype, device)
-        return cls(rows, base, sizes, scale, int(round(-math.log2(scales[0]))), tuple(maps),
-                   tuple(float(x) for x in scales))
+                                             scale_values, dtype, device)
+        return cls(rows, base, sizes, scale, int(round(-math.log2(scales[0]))), tuple(maps), scale_values)
 
     def levels_of(self, boxes: Tensor, plus_one: bool = False) -> Tensor:
         """The level (0 = finest) at which each ``[K, 4]`` box is pooled (FPN eq. 1); ``plus_one``
