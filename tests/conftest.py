@@ -27,6 +27,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1"})
 os.environ.pop("AWS_PROFILE", None)
+# Ray Train's controller polls its workers every 2 s by default: a test's runs last seconds, and each
+# would wait up to a poll to start and to end. Every Ray process the tests start inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Caches (index columns, checkpoint and weights copies) in a directory of the test session, not in ~/.cache
 os.environ.setdefault("TSD_CACHE", tempfile.mkdtemp(prefix="tsd-test-cache-"))
 

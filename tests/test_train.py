@@ -176,11 +176,18 @@ def test_killed_worker_recovers_from_the_last_checkpoint_in_s3(shards, tmp_path,
     assert any((tmp_path / "cache" / "checkpoints").rglob(STATE_FILE))  # copied once into the local cache
 
 
-def test_evaluation_every_epoch_during_training(shards, tmp_path):
+def test_evaluation_every_epoch_during_training_and_ray_trains_log_lines_are_quiet(shards, tmp_path, capfd):
+    """Also: Ray Train logs a line per rank and report; the console keeps them only for --verbose
+    (the streaming test's verbose run is the control that the lines exist)."""
+    capfd.readouterr()
     summary = run_training(_cfg(shards, tmp_path, "with-eval", "train.num_workers=2", "train.images_per_worker=1",
                                 "train.iterations_per_epoch=2", "train.max_iterations=2", "train.eval_every_epochs=1",
-                                "train.image_log_every=0", "loader.num_workers=0"))
+                                "train.image_log_every=0", "loader.num_workers=0", "train.checkpoint_every=1"))
     assert 0.0 <= summary["metrics"]["val_mAP"] <= 1.0
+    time.sleep(2)  # worker logs reach the driver asynchronously
+    quiet = capfd.readouterr()
+    assert "Reporting training result" not in quiet.out + quiet.err
+    assert "train with-eval" in quiet.out + quiet.err  # our own progress is still shown
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -200,7 +207,7 @@ def test_non_finite_losses_are_skipped_then_abort_with_a_clear_error(shards, tmp
         run_training(cfg)
 
 
-def test_gradient_accumulation_equals_the_bigger_batch_and_bf16_autocast_trains(shards, tmp_path):
+def test_gradient_accumulation_equals_the_bigger_batch(shards, tmp_path):
     common = [*EXACT, "train.max_iterations=2", "train.checkpoint_every=2", "train.warmup_iterations=0",
               "train.num_workers=1"]
     big = run_training(_cfg(shards, tmp_path, "big", *common, "train.images_per_worker=2"))
@@ -209,12 +216,13 @@ def test_gradient_accumulation_equals_the_bigger_batch_and_bf16_autocast_trains(
     a, b = _final_state(big)["model"], _final_state(accumulated)["model"]
     for name, value in a.items():
         torch.testing.assert_close(b[name], value, atol=2e-5, rtol=1e-4, msg=name)
-    amp = run_training(_cfg(shards, tmp_path, "bf16", *common, "train.images_per_worker=1", "train.amp=bf16"))
-    losses = {k: v for k, v in amp["metrics"].items() if k.startswith("loss_")}
-    assert losses and all(math.isfinite(v) for v in losses.values())
 
 
-def test_streaming_mode_trains_from_webdataset(shards, tmp_path):
+def test_streaming_mode_trains_from_webdataset_under_bf16_autocast_and_verbose_keeps_ray_trains_lines(
+        shards, tmp_path, capfd):
+    """One run for three things (each Ray Train run costs ~25 s of start-up here): the streaming
+    loader, bf16 autocast, and ``--verbose`` keeping Ray Train's own per-report log lines (the
+    evaluation test's run checks that they are gone by default)."""
     from pipeline.loader import collate, streaming_dataset
 
     stream = streaming_dataset(str(shards / "shards"), "train", 160, 224, epoch_samples=5, seed=0)
@@ -222,21 +230,13 @@ def test_streaming_mode_trains_from_webdataset(shards, tmp_path):
     assert len(samples) == 5 and all(s["image"].dtype == torch.uint8 and len(s["boxes"]) == len(s["labels"])
                                      for s in samples)
     assert collate(samples)["images"].shape[0] == 5
+    capfd.readouterr()
     summary = run_training(_cfg(shards, tmp_path, "stream", "loader.mode=streaming", "loader.num_workers=1",
                                 "train.num_workers=2", "train.images_per_worker=1", "train.max_iterations=3",
-                                "train.image_log_every=0"))
+                                "train.image_log_every=0", "train.amp=bf16", "train.log_every=1"), verbose=True)
     assert summary["metrics"]["iteration"] == 3
-
-
-def test_ray_trains_own_log_lines_only_with_verbose(shards, tmp_path, capfd):
-    """Ray Train logs a line per rank and report; the console keeps them only for --verbose."""
-    quick = ["train.num_workers=2", "train.images_per_worker=1", "train.max_iterations=2", "train.checkpoint_every=1",
-             "train.image_log_every=0", "loader.num_workers=0"]
-    run_training(_cfg(shards, tmp_path, "quiet", *quick))
+    losses = {k: v for k, v in summary["metrics"].items() if k.startswith("loss_")}
+    assert losses and all(math.isfinite(v) for v in losses.values())
     time.sleep(2)  # worker logs reach the driver asynchronously
-    quiet = capfd.readouterr()
-    run_training(_cfg(shards, tmp_path, "chatty", *quick), verbose=True)
-    time.sleep(2)
     chatty = capfd.readouterr()
-    assert "Reporting training result" in chatty.out + chatty.err  # the control: the lines exist...
-    assert "Reporting training result" not in quiet.out + quiet.err  # ...and are gone by default
+    assert "Reporting training result" in chatty.out + chatty.err  # the control of the evaluation test's check
