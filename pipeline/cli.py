@@ -231,7 +231,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        from pipeline.visualize import plot_ap_vs_iou
+        from pipeline.plots import plot_ap_vs_iou
 
         labels = list(args.label or [])
         if len(labels) > len(args.report):
@@ -244,7 +244,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         plot_ap_vs_iou(out / "ap_vs_iou.png", reports)
         print(f"{out / 'ap_vs_iou.png'}")
         if all("by_level" in r for r in reports.values()):  # OID reports: AP of leaves, parents, depths
-            from pipeline.visualize import plot_ap_by_level
+            from pipeline.plots import plot_ap_by_level
 
             plot_ap_by_level(out / "ap_by_level.png", reports)
             print(f"{out / 'ap_by_level.png'}")

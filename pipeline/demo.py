@@ -89,7 +89,8 @@ def visualize_demo(cfg, checkpoint: str, images: Path, out: Path, report: str) -
     from PIL import Image
 
     from pipeline.inference import load_model_for_inference
-    from pipeline.visualize import draw_tsd, plot_ap_by_level, plot_ap_vs_iou, tsd_geometry
+    from pipeline.plots import plot_ap_by_level, plot_ap_vs_iou
+    from pipeline.visualize import draw_tsd, tsd_geometry
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_model_for_inference(cfg, checkpoint, torch.device("cpu"))

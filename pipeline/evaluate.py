@@ -232,8 +232,8 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str | list[str], split: st
     out of the mAP, and their number reported."""
     from pipeline.evaluators import OIDEvaluator, size_breakdown
     from pipeline.oid_metric import COCO_STYLE_THRESHOLDS
+    from pipeline.plots import plot_pr_curves
     from pipeline.scoring import report
-    from pipeline.visualize import plot_pr_curves
 
     t0 = time.perf_counter()
     checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)

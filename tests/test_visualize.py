@@ -62,7 +62,7 @@ def test_visualize_cli_writes_fig5_and_fig6_pngs(tmp_path):
 def test_charts_have_titles_labelled_axes_values_and_legends(tmp_path, capsys):
     import numpy as np
 
-    from pipeline.visualize import ap_vs_iou_figure, pr_curves_figure
+    from pipeline.plots import ap_vs_iou_figure, pr_curves_figure
 
     reports = {"TSD": {"mAP": 0.6, "ap_at_iou": {"0.50": 0.6, "0.75": 0.4, "0.95": 0.05}},
                "sibling": {"mAP": 0.55, "ap_at_iou": {"0.50": 0.55, "0.75": 0.35, "0.95": 0.04}}}
@@ -94,7 +94,7 @@ def test_charts_have_titles_labelled_axes_values_and_legends(tmp_path, capsys):
 
 
 def test_the_per_level_chart_shows_every_level_with_its_values(tmp_path, capsys):
-    from pipeline.visualize import ap_by_level_figure
+    from pipeline.plots import ap_by_level_figure
 
     by_level = {"leaf": {"mAP": 0.8, "classes": 7}, "parent": {"mAP": 0.9, "classes": 5},
                 "depth": {"1": {"mAP": 0.85, "classes": 2}, "2": {"mAP": None, "classes": 0}}}
@@ -131,3 +131,14 @@ def test_fig5_labels_sit_on_a_dark_plate_inside_the_image(background):
     dark = (plate.sum(-1) < 3 * 60).float().mean().item()
     yellow = ((plate[..., 0] > 200) & (plate[..., 1] > 180) & (plate[..., 2] < 80)).any().item()
     assert dark > 0.5 and yellow
+
+
+def test_report_figures_start_without_torch(tmp_path):
+    """`tsd visualize --report` plots from JSON: its modules must not pull in torch (7 s of imports
+    on these machines, before a wrong path could even be said)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import pipeline.cli, pipeline.plots; "
+             "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO).returncode == 0
