@@ -61,10 +61,15 @@ def test_box_loss_uses_the_target_class_and_averages_over_all_rois():
     deltas = torch.zeros(4, 3, 4)
     deltas[0, 2] = 1.0  # the prediction for RoI 0's class
     deltas[0, 1] = 5.0  # another class: ignored
-    targets = torch.zeros(1, 4)  # the positives' targets only
+    deltas[1, 0] = 7.0  # a negative's (background) deltas: not regressed
+    targets = torch.zeros(4, 4)
+    targets[2:] = 3.0  # negatives' targets: masked out
     labels = torch.tensor([2, 0, 0, 0])
     # smooth-L1 with beta 1 of 1.0 = 0.5 per coordinate, 4 coordinates, / 4 RoIs
     assert box_regression_loss(deltas, targets, labels, beta=1.0).item() == pytest.approx(0.5)
+    agnostic = torch.zeros(4, 1, 4)
+    agnostic[0, 0] = 1.0
+    assert box_regression_loss(agnostic, targets, labels, beta=1.0).item() == pytest.approx(0.5)
 
 
 def test_box_coder_gives_torchvisions_numbers():

@@ -4,6 +4,11 @@ Free functions on tensors, as torchvision's ``fastrcnn_loss``: the heads only ga
 Every loss takes optional per-RoI ``weights`` summing to 1; the heads pass weights that make each
 loss the mean over images of a per-image mean (``per_image_weights``), so that a global batch
 gives the same gradients however it is split across data-parallel workers.
+
+Nothing here indexes by the positives: box losses run over every sampled RoI and are masked by
+``labels > 0``. A ``nonzero`` of the positives would wait for the GPU and give a data-dependent
+shape, which would keep the losses out of a compiled RoI stage (``compiled_stage``); masked,
+they join its graph. The callers give negatives finite stand-in targets (``safe_gt``).
 """
 
 from __future__ import annotations
@@ -56,33 +61,42 @@ def sigmoid_classification_loss(logits: Tensor, labels: Tensor, ancestors: Tenso
     return _reduce(per_roi, weights)
 
 
-def regression_classes(deltas: Tensor, labels: Tensor, pos: Tensor) -> Tensor:
-    """The delta row each positive RoI ``pos`` is regressed with: its class, or 0 when ``deltas``
-    is class-agnostic (``[R, 1, 4]``)."""
-    return labels[pos] if deltas.shape[1] > 1 else torch.zeros_like(labels[pos])
+def safe_gt(gt_boxes: Tensor, labels: Tensor, stand_in: Tensor) -> Tensor:
+    """Each positive's gt box, and ``stand_in`` (its own box) for every other RoI: a negative has no
+    gt box, and encoding the all-zero boxes of an image without boxes gives a log-size target of
+    -inf (0 * inf is NaN in the backward pass, masked or not), as in the authors' code, which
+    regresses positives only."""
+    return torch.where((labels > 0)[:, None], gt_boxes.to(stand_in.dtype), stand_in)
+
+
+def regression_classes(deltas: Tensor, labels: Tensor) -> Tensor:
+    """The delta row each RoI is regressed with: its class, or 0 when ``deltas`` is
+    class-agnostic (``[R, 1, 4]``)."""
+    return labels if deltas.shape[1] > 1 else torch.zeros_like(labels)
+
+
+def deltas_of(deltas: Tensor, labels: Tensor) -> Tensor:
+    """``[R, 4]`` each RoI's deltas for its class (``regression_classes``), by a gather: no index tensor."""
+    rows = regression_classes(deltas, labels)[:, None, None].expand(-1, 1, deltas.shape[2])
+    return deltas.gather(1, rows)[:, 0]
 
 
 def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: float,
-                        weights: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+                        weights: Tensor | None = None) -> Tensor:
     """Smooth-L1 on the deltas of each positive RoI's own class, normalised by all sampled RoIs.
 
     ``deltas`` is ``[R, num_classes + 1, 4]`` (class-specific) or ``[R, 1, 4]`` (class-agnostic);
-    ``targets`` ``[P, 4]`` holds the targets of the positives ``pos`` only (in that order): a
-    negative has no gt box to encode (an image without boxes gives all-zero ones, whose log-size
-    target is -inf, and 0 * inf is NaN in the backward pass), as in the authors' code. The
-    normalisation by the number of sampled RoIs (not positives) follows mmdetection, the TSD
-    authors' base. ``weights`` are the sampled RoIs' weights (see ``per_image_weights``); ``pos``,
-    the indices of the positives, when the caller has them already.
+    ``targets`` ``[R, 4]``, of which only the positives' count (give negatives finite ones, see
+    ``safe_gt``). The normalisation by the number of sampled RoIs (not positives) follows
+    mmdetection, the TSD authors' base. ``weights`` are the sampled RoIs' weights (see
+    ``per_image_weights``).
     """
-    if pos is None:
-        pos = torch.nonzero(labels > 0).flatten()
-    if pos.numel() == 0:
-        return deltas.sum() * 0.0
-    pred = deltas[pos, regression_classes(deltas, labels, pos)].float()
-    per_roi = F.smooth_l1_loss(pred, targets.float(), beta=beta, reduction="none").sum(dim=1)
+    per_roi = F.smooth_l1_loss(deltas_of(deltas, labels).float(), targets.float(), beta=beta,
+                               reduction="none").sum(dim=1)
+    per_roi = torch.where(labels > 0, per_roi, torch.zeros((), device=per_roi.device))
     if weights is None:
         return per_roi.sum() / max(1, labels.numel())
-    return (per_roi * weights[pos]).sum()
+    return (per_roi * weights).sum()
 
 
 def pc_cls_loss(logits_tsd: Tensor, logits_sibling: Tensor, labels: Tensor, margin: float,
@@ -106,7 +120,8 @@ def pc_loc_loss(boxes_tsd: Tensor, boxes_sibling: Tensor, gt_boxes: Tensor, marg
     """Mloc = mean over positives of relu(IoU(B, gt) + m_r' - IoU(B_D, gt)), m_r' = min(1 - IoU(B, gt), m_r).
 
     ``boxes_tsd`` are decoded from P-hat-r with the TSD deltas of the target class, ``boxes_sibling``
-    from P with the sibling's; the sibling side is detached.
+    from P with the sibling's; the sibling side is detached. Over all sampled RoIs, pass
+    ``weights`` that are zero for the negatives and ``gt_boxes`` from ``safe_gt``.
     """
     if boxes_tsd.numel() == 0:
         return boxes_tsd.sum() * 0.0

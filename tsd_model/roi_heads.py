@@ -149,15 +149,28 @@ class RoIStage(nn.Module):
         main = self.head(roi_features)
         return StageOutput(roi_features, main, sibling(roi_features) if sibling is not None else None)
 
+    def loss_weights(self, sampled: SampledRoIs, ancestors: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The sampled RoIs' loss weights (``losses.per_image_weights``), and those of the positives
+        alone where a loss averages over positives (``Mloc``, a multi-label ``Mcls``), else None."""
+        counts, labels = sampled.counts, sampled.labels
+        w = L.per_image_weights(counts, device=labels.device)
+        needs_pos = self.joint_sibling and (self.pc_loc_margin is not None or
+                                            (ancestors is not None and self.pc_cls_margin is not None))
+        return w, (L.per_image_weights(counts, labels > 0) if needs_pos else None)
+
     def losses(self, out: StageOutput, sampled: SampledRoIs, ancestors: Tensor | None = None) -> dict[str, Tensor]:
         """Named losses; each is a mean over the images of per-image means. With ``ancestors`` (the
         ``[C, C]`` ancestor matrix), classification is multi-label: sigmoid BCE over the class and its
         ancestors (``losses.multilabel_targets``) instead of the softmax over classes."""
-        labels, gt_boxes, counts = sampled.labels, sampled.gt_boxes, sampled.counts
-        boxes = out.rois.boxes
-        w = L.per_image_weights(counts, device=boxes.device)
-        pos = torch.nonzero(labels > 0).flatten()  # once: each nonzero waits for the device
-        gt_pos = gt_boxes[pos]  # regression targets exist for positives only
+        w, w_pos = self.loss_weights(sampled, ancestors)
+        return self.loss_terms(out.main, out.sibling, out.rois.boxes, sampled.labels, sampled.gt_boxes, w, w_pos,
+                               ancestors)
+
+    def loss_terms(self, main: HeadOutput, sibling: HeadOutput | None, boxes: Tensor, labels: Tensor,
+                   gt_boxes: Tensor, w: Tensor, w_pos: Tensor | None, ancestors: Tensor | None) -> dict[str, Tensor]:
+        """The losses of ``losses`` from tensors alone: no host sync and no data-dependent shape, so
+        that a compiled stage (``compiled_stage``) computes them in its graph, on RoIs padded with
+        weight 0. Every RoI is regressed against ``losses.safe_gt``, masked by the positives."""
 
         def classification(logits: Tensor) -> Tensor:
             if ancestors is None:
@@ -165,30 +178,28 @@ class RoIStage(nn.Module):
             return L.sigmoid_classification_loss(logits, labels, ancestors, w)
 
         losses: dict[str, Tensor] = {}
-        if out.sibling is not None:
-            targets = self.coder.encode_single(gt_pos, boxes[pos])
-            losses["loss_sibling_cls"] = classification(out.sibling.logits)
-            losses["loss_sibling_box"] = L.box_regression_loss(out.sibling.deltas, targets, labels, self.beta, w, pos)
-        main = out.main
+        if sibling is not None:
+            targets = self.coder.encode_single(L.safe_gt(gt_boxes, labels, boxes), boxes)
+            losses["loss_sibling_cls"] = classification(sibling.logits)
+            losses["loss_sibling_box"] = L.box_regression_loss(sibling.deltas, targets, labels, self.beta, w)
         reg_boxes = main.reg_boxes
         if main.geometry is not None and not self.delta_r_grad_through_targets:
             reg_boxes = reg_boxes.detach()
-        targets = self.coder.encode_single(gt_pos, reg_boxes[pos])
+        targets = self.coder.encode_single(L.safe_gt(gt_boxes, labels, reg_boxes.detach()), reg_boxes)
         name = self.head_type
         losses[f"loss_{name}_cls"] = classification(main.logits)
-        losses[f"loss_{name}_box"] = L.box_regression_loss(main.deltas, targets, labels, self.beta, w, pos)
-        if out.sibling is None:
+        losses[f"loss_{name}_box"] = L.box_regression_loss(main.deltas, targets, labels, self.beta, w)
+        if sibling is None:
             return {k + self.suffix: v for k, v in losses.items()}
-        w_pos = L.per_image_weights(counts, labels > 0) if self.pc_loc_margin is not None or ancestors is not None else None
         if self.pc_cls_margin is not None:
-            losses["loss_pc_cls"] = L.pc_cls_loss(main.logits, out.sibling.logits, labels, self.pc_cls_margin,
+            losses["loss_pc_cls"] = L.pc_cls_loss(main.logits, sibling.logits, labels, self.pc_cls_margin,
                                                   w if ancestors is None else w_pos, multilabel=ancestors is not None)
         if self.pc_loc_margin is not None:
-            cls = L.regression_classes(main.deltas, labels, pos)
             boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
-                torch.stack([main.deltas[pos, cls], out.sibling.deltas[pos, cls]]).float(),
-                torch.stack([main.reg_boxes[pos], boxes[pos]]).float()).unbind(0)
-            losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_pos, self.pc_loc_margin, w_pos[pos])
+                torch.stack([L.deltas_of(main.deltas, labels), L.deltas_of(sibling.deltas, labels)]).float(),
+                torch.stack([main.reg_boxes, boxes]).float()).unbind(0)
+            losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, L.safe_gt(gt_boxes, labels, boxes),
+                                                  self.pc_loc_margin, w_pos)
         return {k + self.suffix: v for k, v in losses.items()}
 
     def decode(self, out: HeadOutput) -> Tensor:
