@@ -22,7 +22,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 
 from tsd_model import losses as L
 from tsd_model.boxes import BoxCoder
-from tsd_model.compiled_stage import CompileOptions, run_compiled
+from tsd_model.compiled_stage import CompileOptions, LossInputs, run_compiled
 from tsd_model.config import TestConfig
 from tsd_model.heads import DoubleHead, HeadOutput, RoIFeatures, SiblingHead, TSDHead
 from tsd_model.ops import MultiScaleDeformRoIPool, rois_of
@@ -141,13 +141,27 @@ class RoIStage(nn.Module):
         rois = rois_of(proposals)
         sibling = self.sibling if with_sibling and self.joint_sibling else None
         if self.compile is not None:
-            return StageOutput(*run_compiled(self.pool, self.head, sibling, features, rois, self.compile))
+            return StageOutput(*run_compiled(self.pool, self.head, sibling, features, rois, self.compile)[:3])
         table = self.pool.table(features)  # shared by P, P-hat-c and P-hat-r
         levels = self.pool.levels_of(table, rois[:, 1:])  # P-hat-c and P-hat-r are pooled at the level of P
         pooled = self.pool(table, rois, levels).to(features[self.pool.featmap_names[0]].dtype)
         roi_features = RoIFeatures(rois, levels, pooled, table)
         main = self.head(roi_features)
         return StageOutput(roi_features, main, sibling(roi_features) if sibling is not None else None)
+
+    def run_with_losses(self, features: dict[str, Tensor], sampled: SampledRoIs,
+                        ancestors: Tensor | None = None) -> tuple[StageOutput, dict[str, Tensor]]:
+        """A training stage: ``run`` on the sampled RoIs (with the sibling) and ``losses``; compiled,
+        the losses are computed in the stage's graph."""
+        if self.compile is None:
+            out = self.run(features, sampled.boxes, with_sibling=True)
+            return out, self.losses(out, sampled, ancestors)
+        w, w_pos = self.loss_weights(sampled, ancestors)
+        targets = LossInputs(sampled.labels, sampled.gt_boxes, w, w_pos, ancestors)
+        sibling = self.sibling if self.joint_sibling else None
+        *out, losses = run_compiled(self.pool, self.head, sibling, features, rois_of(sampled.boxes), self.compile,
+                                    self.loss_terms, targets)
+        return StageOutput(*out), losses
 
     def loss_weights(self, sampled: SampledRoIs, ancestors: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The sampled RoIs' loss weights (``losses.per_image_weights``), and those of the positives
@@ -287,9 +301,9 @@ class RoIHeads(nn.Module):
             losses: dict[str, Tensor] = {}
             for i, (stage, weight) in enumerate(zip(self.stages, self.stage_weights, strict=True)):
                 sampled = stage.sample(proposals, targets)
-                out = stage.run(features, sampled.boxes, with_sibling=True)
                 ancestors = self.label_ancestors if self.multilabel else None
-                for name, value in stage.losses(out, sampled, ancestors).items():
+                out, stage_losses = stage.run_with_losses(features, sampled, ancestors)
+                for name, value in stage_losses.items():
                     losses[name] = value * weight
                 if i + 1 < len(self.stages):
                     proposals = self.refine(stage, out, image_sizes, sampled.counts, sampled)
