@@ -133,7 +133,7 @@ def test_fig5_labels_sit_on_a_dark_plate_inside_the_image(background):
     assert dark > 0.5 and yellow
 
 
-def test_report_figures_start_without_torch(tmp_path):
+def test_report_figures_start_without_torch():
     """`tsd visualize --report` plots from JSON: its modules must not pull in torch (7 s of imports
     on these machines, before a wrong path could even be said)."""
     import subprocess

@@ -69,16 +69,11 @@ def safe_gt(gt_boxes: Tensor, labels: Tensor, stand_in: Tensor) -> Tensor:
     return torch.where((labels > 0)[:, None], gt_boxes.to(stand_in.dtype), stand_in)
 
 
-def regression_classes(deltas: Tensor, labels: Tensor) -> Tensor:
-    """The delta row each RoI is regressed with: its class, or 0 when ``deltas`` is
-    class-agnostic (``[R, 1, 4]``)."""
-    return labels if deltas.shape[1] > 1 else torch.zeros_like(labels)
-
-
 def deltas_of(deltas: Tensor, labels: Tensor) -> Tensor:
-    """``[R, 4]`` each RoI's deltas for its class (``regression_classes``), by a gather: no index tensor."""
-    rows = regression_classes(deltas, labels)[:, None, None].expand(-1, 1, deltas.shape[2])
-    return deltas.gather(1, rows)[:, 0]
+    """``[R, 4]`` each RoI's deltas for its class, or row 0 when ``deltas`` is class-agnostic
+    (``[R, 1, 4]``), by a gather: no index tensor."""
+    rows = labels if deltas.shape[1] > 1 else torch.zeros_like(labels)
+    return deltas.gather(1, rows[:, None, None].expand(-1, 1, deltas.shape[2]))[:, 0]
 
 
 def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor, beta: float,

@@ -192,8 +192,9 @@ class RoIStage(nn.Module):
             return L.sigmoid_classification_loss(logits, labels, ancestors, w)
 
         losses: dict[str, Tensor] = {}
+        gt_or_own = L.safe_gt(gt_boxes, labels, boxes)  # P's targets: the sibling's box loss and Mloc
         if sibling is not None:
-            targets = self.coder.encode_single(L.safe_gt(gt_boxes, labels, boxes), boxes)
+            targets = self.coder.encode_single(gt_or_own, boxes)
             losses["loss_sibling_cls"] = classification(sibling.logits)
             losses["loss_sibling_box"] = L.box_regression_loss(sibling.deltas, targets, labels, self.beta, w)
         reg_boxes = main.reg_boxes
@@ -212,8 +213,7 @@ class RoIStage(nn.Module):
             boxes_tsd, boxes_sib = self.coder.decode_single(  # B_D from P-hat-r and B from P, in one go
                 torch.stack([L.deltas_of(main.deltas, labels), L.deltas_of(sibling.deltas, labels)]).float(),
                 torch.stack([main.reg_boxes, boxes]).float()).unbind(0)
-            losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, L.safe_gt(gt_boxes, labels, boxes),
-                                                  self.pc_loc_margin, w_pos)
+            losses["loss_pc_loc"] = L.pc_loc_loss(boxes_tsd, boxes_sib, gt_or_own, self.pc_loc_margin, w_pos)
         return {k + self.suffix: v for k, v in losses.items()}
 
     def decode(self, out: HeadOutput) -> Tensor:
