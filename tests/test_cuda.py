@@ -206,3 +206,27 @@ def test_the_feature_table_and_the_loss_weights_do_not_wait_for_the_gpu():
         torch.cuda.set_sync_debug_mode(0)
     assert table.rows.shape[0] == 2 * (40 * 48 + 20 * 24) + 64
     assert weights.device.type == masked.device.type == "cuda"
+
+
+@pytest.mark.parametrize("overrides", [(), ("cascade.enabled=true",), ("roi.classification=sigmoid",)],
+                         ids=["tsd", "cascade", "sigmoid"])
+def test_a_training_step_of_the_roi_heads_does_not_wait_for_the_gpu(overrides):
+    """Sampling (``RoISampler``), pooling by the table gather, heads, losses and backward: no call
+    of the RoI heads synchronises with the GPU (the CPU twin, ``tests/test_roi_sampling.py``,
+    counts data-dependent sizes; this one catches device-to-host copies too)."""
+    from tests.test_roi_sampling import _inputs as roi_inputs
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config("roi.pool_kernel=table", *overrides)).to(CUDA)
+    images, targets = toy_batch()
+    images = [img.to(CUDA) for img in images]
+    targets = [{k: v.to(CUDA) for k, v in t.items()} for t in targets]
+    features, proposals, sizes, targets = roi_inputs(model, images, targets)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, losses = model.roi_heads(features, proposals, sizes, targets)
+        sum(losses.values()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(v) for v in losses.values())

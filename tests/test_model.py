@@ -160,31 +160,47 @@ def test_cascade_combines_the_stages_scores_as_configured(average, monkeypatch):
 
 
 def _stage_boxes_and_labels(model, images, targets):
-    """What the second cascade stage is given in training, with the first stage's labels."""
+    """What the second cascade stage is given in training, and what it draws: the first stage's
+    sampled RoIs, the refined proposals with the mask of those the second stage must not draw,
+    and the second stage's sample."""
     seen = {}
     stage0, stage1 = model.roi_heads.stages[:2]
     real_sample = stage0.sample
-    stage0.sample = lambda p, t: seen.setdefault("sampled", real_sample(p, t))
-    stage1.sample = lambda p, t: seen.setdefault("proposals", p) and stage1.__class__.sample(stage1, p, t)
+    stage0.sample = lambda p, t, e: seen.setdefault("sampled", real_sample(p, t, e))
+
+    def second_sample(p, t, e):
+        seen.update(proposals=p, excluded=e)
+        seen["drawn"] = stage1.__class__.sample(stage1, p, t, e)
+        return seen["drawn"]
+
+    stage1.sample = second_sample
     model.train()
     model(images, targets)
-    return seen["sampled"], seen["proposals"]
+    return seen["sampled"], seen["proposals"], seen["excluded"], seen["drawn"]
 
 
 @pytest.mark.parametrize("drop_gt", [True, False])
 def test_cascade_training_refines_without_the_gt_proposals_and_clips_to_the_image(drop_gt):
+    """The gt boxes added as proposals are not passed on (the authors): the next stage never draws
+    them (they stay in its proposals, masked, so that no count waits for the GPU)."""
     torch.manual_seed(0)
     model = build_model(tiny_model_config("cascade.enabled=true", f"cascade.drop_gt_before_refine={str(drop_gt).lower()}"))
     with torch.no_grad():  # large deltas: refined boxes leave the image unless clipped
         model.roi_heads.stages[0].tsd.branches.bbox_pred.bias.fill_(3.0)
     images, targets = toy_batch()
-    sampled, refined = _stage_boxes_and_labels(model, images, targets)
-    for i, (boxes, image) in enumerate(zip(refined, images, strict=True)):
-        n_gt_sampled = int(sampled.from_gt.split(sampled.counts)[i].sum())
-        assert n_gt_sampled > 0  # the gt boxes were sampled as positives...
-        expected = sampled.counts[i] - (n_gt_sampled if drop_gt else 0)
-        assert len(boxes) == expected  # ...and not passed on when dropped
-        h, w = image.shape[-2:]  # the toy images are not resized above their size (min_size 160)
+    sampled, refined, excluded, drawn = _stage_boxes_and_labels(model, images, targets)
+    for i, boxes in enumerate(refined):
+        from_gt = sampled.from_gt.split(sampled.counts)[i]
+        valid = sampled.valid.split(sampled.counts)[i]
+        assert (from_gt & valid).sum() > 0  # the gt boxes were sampled as positives...
+        assert len(boxes) == sampled.counts[i]
+        assert excluded[i].tolist() == ((from_gt if drop_gt else torch.zeros_like(from_gt)) | ~valid).tolist()
+        # ...and the second stage draws none of the excluded, refined boxes (it may add the gt again)
+        own = drawn.boxes[i][drawn.valid.split(drawn.counts)[i] & ~drawn.from_gt.split(drawn.counts)[i]]
+        same = (own[:, None, :] == boxes[None, :, :]).all(dim=2)  # [drawn, refined]
+        assert same.any(dim=1).all()
+        assert not (same & excluded[i][None, :]).any()
+        assert (same & ~excluded[i][None, :] & from_gt[None, :]).any() == (not drop_gt)
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert sampled.from_gt.sum() > 0
 

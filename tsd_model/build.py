@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -17,6 +16,7 @@ from tsd_model.detector import TSDDetector
 from tsd_model.heads import DoubleHead, SiblingHead, TSDHead
 from tsd_model.ops import AUTHORS_DEFORM, RULES, MultiScaleDeformRoIPool
 from tsd_model.roi_heads import RoIHeads, RoIStage
+from tsd_model.roi_sampling import RoISampler
 from tsd_model.rpn import PerImageLossRPN
 from tsd_model.weights import load_backbone_weights, load_checkpoint
 
@@ -52,8 +52,7 @@ def build_stage(cfg: ModelConfig, in_channels: int, stds: list[float], fg_iou: f
                        deform_pool, tsd.offset_init, roi.fc_init)
     with_pc = roi.head == "tsd" and sibling is not None
     return RoIStage(
-        head, pool, box_coder(stds), det_utils.Matcher(fg_iou, bg_iou, allow_low_quality_matches=False),
-        det_utils.BalancedPositiveNegativeSampler(roi.batch_size_per_image, roi.positive_fraction),
+        head, pool, box_coder(stds), RoISampler(fg_iou, bg_iou, roi.batch_size_per_image, roi.positive_fraction),
         sibling=sibling, add_gt_as_proposals=roi.add_gt_as_proposals, smooth_l1_beta=roi.smooth_l1_beta,
         pc_cls_margin=tsd.margin_cls if with_pc and tsd.pc_cls else None,
         pc_loc_margin=tsd.margin_loc if with_pc and tsd.pc_loc else None,

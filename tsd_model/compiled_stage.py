@@ -7,14 +7,14 @@ P-hat-c and P-hat-r, both branches) and, in training, the jointly trained siblin
 graph whose elementwise work is fused into a few kernels; ``mode="reduce-overhead"`` replays it
 as a CUDA graph. In training the stage's losses (box coding, the heads' losses and the
 progressive constraints: ``RoIStage.loss_terms``, masked instead of indexed by the positives)
-are in the graph too. Matching, sampling and post-processing stay eager: they wait for the
-host (``nonzero``, NMS) and would split the graph.
+are in the graph too. Matching and sampling stay eager, per image, without waiting for the host
+(``roi_sampling``); the post-processing's NMS waits for it and would split the graph.
 
 One compilation serves every image size: the feature table's row count is a symbolic size of
 the graph (``mark_dynamic``). The RoI count is static, padded up to ``bucket(n)`` (the next
 number with four significant bits: at most 12.5 % padding, eight sizes per octave; one
-compilation per bucket, and a training run's RoI count is the same every step once the
-proposals fill the sampler). The table's rows are padded to buckets too (zero rows that nothing
+compilation per bucket, and a training run's RoI count is the same every step: the sampler
+draws a fixed number per image once the proposals outnumber it). The table's rows are padded to buckets too (zero rows that nothing
 reads), so that CUDA graphs, which are recorded per shape, record few. Padded RoIs are real boxes
 ``[0, 0, 1, 1]`` of image 0, background with loss weight 0, whose outputs are cut off, so the
 real RoIs' values, losses and gradients are the eager stage's. Inside the graph P is pooled by the table gather

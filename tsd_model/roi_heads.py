@@ -17,7 +17,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou, clip_boxes_to_image
 
 from tsd_model import losses as L
@@ -27,6 +26,7 @@ from tsd_model.config import TestConfig
 from tsd_model.heads import DoubleHead, HeadOutput, RoIFeatures, SiblingHead, TSDHead
 from tsd_model.ops import MultiScaleDeformRoIPool, rois_of
 from tsd_model.postprocess import postprocess_detections
+from tsd_model.roi_sampling import BACKGROUND, IGNORED, RoISampler
 
 # the attribute a stage keeps its main head under (the checkpoint's key names) and the loss names' prefix
 _HEAD_NAMES = {SiblingHead: ("sibling", "sibling"), DoubleHead: ("dhead", "double"), TSDHead: ("tsd", "tsd")}
@@ -40,6 +40,7 @@ class SampledRoIs:
     labels: Tensor  # [R] class index + 1, 0 = background
     gt_boxes: Tensor  # [R, 4] the matched gt box (meaningful for positives only)
     from_gt: Tensor  # [R] bool: a gt box added as a proposal
+    valid: Tensor  # [R] bool: drawn by the sampler; False for a fill-in (background, loss weight 0)
 
     @property
     def counts(self) -> list[int]:
@@ -63,7 +64,7 @@ class RoIStage(nn.Module):
         head: the head whose outputs are used at inference.
         pool: the pooling of the proposals P (its strides name the FPN levels).
         coder: box deltas against the head's ``reg_boxes``, with this stage's target stds.
-        matcher, sampler: torchvision's proposal matcher and balanced sampler.
+        sampler: the IoU matching and the balanced draw of training RoIs (a fixed count per image).
         sibling: the classical head trained alongside ``head`` (TSD's joint training), or None.
         add_gt_as_proposals: gt boxes join the proposals in training.
         smooth_l1_beta: of the box losses.
@@ -73,9 +74,8 @@ class RoIStage(nn.Module):
         compile: run the pooling and heads as one compiled graph (``compiled_stage``), or None (eager).
     """
 
-    def __init__(self, head: nn.Module, pool: MultiScaleDeformRoIPool, coder: BoxCoder, matcher: det_utils.Matcher,
-                 sampler: det_utils.BalancedPositiveNegativeSampler, *, sibling: SiblingHead | None = None,
-                 add_gt_as_proposals: bool = True, smooth_l1_beta: float = 1.0, pc_cls_margin: float | None = None,
+    def __init__(self, head: nn.Module, pool: MultiScaleDeformRoIPool, coder: BoxCoder, sampler: RoISampler, *,
+                 sibling: SiblingHead | None = None, add_gt_as_proposals: bool = True, smooth_l1_beta: float = 1.0, pc_cls_margin: float | None = None,
                  pc_loc_margin: float | None = None, delta_r_grad_through_targets: bool = True,
                  name_suffix: str = "", compile: CompileOptions | None = None) -> None:
         super().__init__()
@@ -88,7 +88,6 @@ class RoIStage(nn.Module):
             self.sibling = sibling
         self.pool = pool
         self.coder = coder
-        self.matcher = matcher
         self.sampler = sampler
         self.add_gt = add_gt_as_proposals
         self.beta = smooth_l1_beta
@@ -107,33 +106,34 @@ class RoIStage(nn.Module):
         return self.sibling is not None and self.head_attr != "sibling"
 
     # -- training targets -------------------------------------------------------------------
-    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> SampledRoIs:
-        """Sampled RoIs per image, their labels (0 = background) and matched gt boxes."""
-        sampled, labels_out, gt_out, from_gt_out = [], [], [], []
-        for props, target in zip(proposals, targets, strict=True):
+    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]],
+               excluded: list[Tensor] | None = None) -> SampledRoIs:
+        """Sampled RoIs per image (``RoISampler.draw``: a count the host knows), their labels
+        (0 = background) and matched gt boxes. ``excluded`` (per image, bool over ``proposals``)
+        are never drawn: a cascade's RoIs that the previous stage did not learn from."""
+        sampled, labels_out, gt_out, from_gt_out, valid_out = [], [], [], [], []
+        for i, (props, target) in enumerate(zip(proposals, targets, strict=True)):
             gt_boxes, gt_labels = target["boxes"], target["labels"]
             from_gt = torch.zeros(len(props), dtype=torch.bool, device=props.device)
+            skip = excluded[i] if excluded is not None else from_gt
             if self.add_gt and len(gt_boxes):
                 props = torch.cat([props, gt_boxes.to(props.dtype)])
                 from_gt = torch.cat([from_gt, torch.ones(len(gt_boxes), dtype=torch.bool, device=props.device)])
+                skip = torch.cat([skip, torch.zeros(len(gt_boxes), dtype=torch.bool, device=props.device)])
             if len(gt_boxes) == 0:  # an image without boxes: every proposal is a negative
-                matched = torch.full((len(props),), -1, dtype=torch.long, device=props.device)
                 labels = torch.zeros(len(props), dtype=torch.long, device=props.device)
                 gts = torch.zeros_like(props)
             else:
-                matched = self.matcher(box_iou(gt_boxes, props))
-                gts = gt_boxes[matched.clamp(min=0)]
-                labels = gt_labels[matched.clamp(min=0)] + 1
-                # torch.where, not masked assignment: that is a nonzero, which waits for the GPU
-                labels = torch.where(matched == det_utils.Matcher.BELOW_LOW_THRESHOLD, 0, labels)
-                labels = torch.where(matched == det_utils.Matcher.BETWEEN_THRESHOLDS, -1, labels)
-            pos, neg = self.sampler([labels])
-            keep = torch.nonzero(pos[0] | neg[0]).flatten()
+                labels, matched = self.sampler.labels(box_iou(gt_boxes, props), gt_labels)
+                gts = gt_boxes[matched]
+            keep, valid = self.sampler.draw(torch.where(skip, IGNORED, labels))
             sampled.append(props[keep])
-            labels_out.append(labels[keep].clamp(min=0))
+            labels_out.append(torch.where(valid, labels[keep], BACKGROUND))  # fill-ins: background, weight 0
             gt_out.append(gts[keep])
             from_gt_out.append(from_gt[keep])
-        return SampledRoIs(sampled, torch.cat(labels_out), torch.cat(gt_out), torch.cat(from_gt_out))
+            valid_out.append(valid)
+        return SampledRoIs(sampled, torch.cat(labels_out), torch.cat(gt_out), torch.cat(from_gt_out),
+                           torch.cat(valid_out))
 
     # -- the heads --------------------------------------------------------------------------
     def run(self, features: dict[str, Tensor], proposals: list[Tensor], with_sibling: bool) -> StageOutput:
@@ -167,7 +167,7 @@ class RoIStage(nn.Module):
         """The sampled RoIs' loss weights (``losses.per_image_weights``), and those of the positives
         alone where a loss averages over positives (``Mloc``, a multi-label ``Mcls``), else None."""
         counts, labels = sampled.counts, sampled.labels
-        w = L.per_image_weights(counts, device=labels.device)
+        w = L.per_image_weights(counts, sampled.valid)  # fill-ins weigh 0
         needs_pos = self.joint_sibling and (self.pc_loc_margin is not None or
                                             (ancestors is not None and self.pc_cls_margin is not None))
         return w, (L.per_image_weights(counts, labels > 0) if needs_pos else None)
@@ -276,7 +276,9 @@ class RoIHeads(nn.Module):
 
     def refine(self, stage: RoIStage, out: StageOutput, image_sizes: list[tuple[int, int]], counts: list[int],
                sampled: SampledRoIs | None = None) -> list[Tensor]:
-        """The next stage's proposals per image (``counts`` RoIs each) from this stage's output, no gradient."""
+        """The next stage's proposals per image (``counts`` RoIs each) from this stage's output, no
+        gradient. In training all of them are kept (a count the host knows); ``excluded_from_next``
+        says which the next stage must not draw."""
         if sampled is not None:  # training: each RoI's target label
             labels = sampled.labels if self.refine_with_background else sampled.labels.clamp(min=1)
         else:
@@ -285,11 +287,19 @@ class RoIHeads(nn.Module):
             labels = logits.argmax(dim=1) if with_background else logits[:, 1:].argmax(dim=1) + 1
         boxes = stage.boxes_for(out.main, labels)
         per_image = list(boxes.split(counts))
-        if sampled is not None and self.drop_gt_before_refine:
-            per_image = [b[keep] for b, keep in zip(per_image, (~sampled.from_gt).split(counts), strict=True)]
         if self.clip_refined:
             per_image = [clip_boxes_to_image(b, size) for b, size in zip(per_image, image_sizes, strict=True)]
         return per_image
+
+    def excluded_from_next(self, sampled: SampledRoIs) -> list[Tensor]:
+        """Per image, the refined RoIs the next training stage must not draw: the fill-ins, and with
+        ``drop_gt_before_refine`` the gt boxes added as proposals. Masked, not dropped, so that
+        the next stage's proposal count needs no host read; the draw is the same as if they were
+        dropped (they are never drawn, only taken as weight-0 fill-ins)."""
+        excluded = ~sampled.valid
+        if self.drop_gt_before_refine:
+            excluded = excluded | sampled.from_gt
+        return list(excluded.split(sampled.counts))
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None):
@@ -299,14 +309,16 @@ class RoIHeads(nn.Module):
         if self.training:
             assert targets is not None
             losses: dict[str, Tensor] = {}
+            excluded = None
             for i, (stage, weight) in enumerate(zip(self.stages, self.stage_weights, strict=True)):
-                sampled = stage.sample(proposals, targets)
+                sampled = stage.sample(proposals, targets, excluded)
                 ancestors = self.label_ancestors if self.multilabel else None
                 out, stage_losses = stage.run_with_losses(features, sampled, ancestors)
                 for name, value in stage_losses.items():
                     losses[name] = value * weight
                 if i + 1 < len(self.stages):
                     proposals = self.refine(stage, out, image_sizes, sampled.counts, sampled)
+                    excluded = self.excluded_from_next(sampled)
             return [], losses
         counts = [len(p) for p in proposals]
         combined = None

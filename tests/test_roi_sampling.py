@@ -1,0 +1,126 @@
+"""``RoISampler``: the balanced draw of training RoIs at a fixed count per image, without host reads.
+
+It must draw what torchvision's ``BalancedPositiveNegativeSampler`` draws (as many positives and
+negatives, each uniformly), its fill-ins must change no loss, and a training step of the RoI
+heads must not wait for the GPU anywhere (counted on the CPU by ``HostReads``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from tests.model_utils import HostReads, tiny_model_config, toy_batch
+from tsd_model.build import build_model
+from tsd_model.roi_heads import SampledRoIs
+from tsd_model.roi_sampling import BACKGROUND, IGNORED, RoISampler
+
+
+def _labels(pos: int, neg: int, ignored: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.randint(1, 5, (pos,), generator=g), torch.full((neg,), BACKGROUND),
+                        torch.full((ignored,), IGNORED)])
+    return labels[torch.randperm(len(labels), generator=g)]
+
+
+@pytest.mark.parametrize(("pos", "neg", "ignored"), [(300, 1700, 0), (5, 2000, 0), (40, 10, 0), (10, 20, 30),
+                                                     (0, 100, 0), (0, 0, 7), (0, 0, 0), (600, 0, 0)])
+def test_the_draw_takes_as_many_positives_and_negatives_as_torchvision(pos, neg, ignored):
+    labels = _labels(pos, neg, ignored)
+    sampler = RoISampler(0.5, 0.5, batch_size_per_image=512, positive_fraction=0.25)
+    torch.manual_seed(0)
+    tv_pos, tv_neg = BalancedPositiveNegativeSampler(512, 0.25)([labels.clone()])
+    keep, valid = sampler.draw(labels)
+    assert len(keep) == len(valid) == min(512, len(labels))  # known to the host: no read of the labels
+    assert len(set(keep.tolist())) == len(keep)
+    drawn = labels[keep[valid]]
+    assert int((drawn > 0).sum()) == int(tv_pos[0].sum())
+    assert int((drawn == BACKGROUND).sum()) == int(tv_neg[0].sum())
+    assert not (drawn == IGNORED).any()
+    assert (labels[keep[~valid]] != BACKGROUND).all() or not (~valid).any()  # no negative left out as a fill-in
+
+
+def test_the_draw_is_uniform_among_the_positives_and_among_the_negatives():
+    labels = _labels(40, 200, 20, seed=1)
+    sampler = RoISampler(0.5, 0.5, batch_size_per_image=64, positive_fraction=0.25)
+    torch.manual_seed(0)
+    draws = 3000
+    counts = torch.zeros(len(labels))
+    for _ in range(draws):
+        keep, valid = sampler.draw(labels)
+        counts[keep[valid]] += 1
+    for mask, p in ((labels > 0, 16 / 40), (labels == BACKGROUND, 48 / 200)):
+        freq = counts[mask] / draws
+        sigma = (p * (1 - p) / draws) ** 0.5
+        assert (freq - p).abs().max() < 5 * sigma, (freq.min(), freq.max(), p)
+    assert counts[labels == IGNORED].sum() == 0
+
+
+def test_matching_labels_by_the_two_iou_thresholds():
+    iou = torch.tensor([[0.7, 0.45, 0.2, 0.5], [0.1, 0.55, 0.3, 0.0]])
+    labels, matched = RoISampler(0.5, 0.4, 512, 0.25).labels(iou, torch.tensor([3, 7]))
+    assert labels.tolist() == [4, 8, BACKGROUND, 4]  # 0.45 and 0.55: the best, 0.55, is a positive of class 7
+    assert matched.tolist()[:2] == [0, 1]
+    labels, _ = RoISampler(0.6, 0.4, 512, 0.25).labels(iou, torch.tensor([3, 7]))
+    assert labels.tolist() == [4, IGNORED, BACKGROUND, IGNORED]
+
+
+def _inputs(model, images, targets):
+    """The RoI heads' inputs of a training step: features, proposals, image sizes, targets."""
+    model.train()
+    images = [img.float().div(255) for img in images]
+    batch, targets = model.transform(images, [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets])
+    features = model.backbone(batch.tensors)
+    proposals, _ = model.rpn(batch, features, targets)
+    return features, proposals, batch.image_sizes, targets
+
+
+def test_fill_ins_change_no_loss():
+    """With fewer proposals than the draw's size and more positives than its cap, a third of the
+    draw is fill-ins: the losses are those of the valid RoIs alone (the variable-size draw)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config("tsd.offset_init=kaiming_normal", "roi.batch_size_per_image=48"))
+    stage = model.roi_heads.stages[0]
+    images, targets = toy_batch()
+    features, _, _, targets = _inputs(model, images, targets)
+    g = torch.Generator().manual_seed(0)
+    proposals = []
+    for t in targets:  # 30 jittered copies of the gt boxes (positives) and 6 far-off boxes (negatives)
+        gt = t["boxes"].repeat(30 // len(t["boxes"]), 1)
+        far = torch.tensor([[0.0, 0, 8, 8]]).repeat(6, 1) + torch.rand(6, 1, generator=g) * 4
+        proposals.append(torch.cat([gt + torch.randn(gt.shape, generator=g), far]))
+    sampled = stage.sample(proposals, targets)
+    assert sampled.counts == [len(p) + len(t["boxes"]) for p, t in zip(proposals, targets, strict=True)]
+    assert 0 < int(sampled.valid.sum()) < len(sampled.valid) * 2 // 3  # 12 positives + 6 negatives per image
+    valid = sampled.valid.split(sampled.counts)
+    only_valid = SampledRoIs([b[v] for b, v in zip(sampled.boxes, valid, strict=True)], sampled.labels[sampled.valid],
+                             sampled.gt_boxes[sampled.valid], sampled.from_gt[sampled.valid],
+                             sampled.valid[sampled.valid])
+    with_fill = stage.losses(stage.run(features, sampled.boxes, with_sibling=True), sampled)
+    without = stage.losses(stage.run(features, only_valid.boxes, with_sibling=True), only_valid)
+    assert with_fill.keys() == without.keys() and "loss_pc_loc" in with_fill
+    for name in with_fill:
+        torch.testing.assert_close(with_fill[name], without[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [(), ("roi.head=sibling",), ("cascade.enabled=true",),
+                                       ("roi.classification=sigmoid",)], ids=["tsd", "sibling", "cascade", "sigmoid"])
+def test_a_training_step_of_the_roi_heads_reads_nothing_back(overrides):
+    """Sampling, losses and the backward of the RoI heads issue no call whose result the host
+    reads: on a GPU none of them waits for the kernels queued before it (an image without boxes in
+    the batch too)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(*overrides))
+    images, targets = toy_batch()
+    targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    images.append(images[0].clone())
+    features, proposals, sizes, targets = _inputs(model, images, targets)
+    with HostReads() as reads:
+        _, losses = model.roi_heads(features, proposals, sizes, targets)
+        sum(losses.values()).backward()
+    assert len(losses) >= 2 and all(torch.isfinite(v) for v in losses.values())
+    assert reads.calls == []
+    with HostReads() as reads:  # the counter sees what torchvision's sampler would have read
+        BalancedPositiveNegativeSampler(512, 0.25)([torch.zeros(10, dtype=torch.long)])
+    assert "nonzero" in reads.calls
