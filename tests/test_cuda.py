@@ -230,3 +230,23 @@ def test_a_training_step_of_the_roi_heads_does_not_wait_for_the_gpu(overrides):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_the_rpn_training_targets_and_losses_do_not_wait_for_the_gpu():
+    """The RPN's matching, draw, losses and backward (an image without boxes too) never synchronise."""
+    from tests.test_roi_sampling import _rpn_targets
+
+    rpn, anchors, objectness, deltas, targets = _rpn_targets()
+    rpn = rpn.to(CUDA)
+    anchors = [a.to(CUDA) for a in anchors]
+    objectness, deltas = objectness.detach().to(CUDA).requires_grad_(), deltas.detach().to(CUDA).requires_grad_()
+    targets = [{k: v.to(CUDA) for k, v in t.items()} for t in targets]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        obj, box = rpn.compute_loss(objectness, deltas, labels, rpn.box_coder.encode(matched, anchors))
+        (obj + box).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(obj) and torch.isfinite(box) and torch.isfinite(deltas.grad).all()

@@ -124,3 +124,67 @@ def test_a_training_step_of_the_roi_heads_reads_nothing_back(overrides):
     with HostReads() as reads:  # the counter sees what torchvision's sampler would have read
         BalancedPositiveNegativeSampler(512, 0.25)([torch.zeros(10, dtype=torch.long)])
     assert "nonzero" in reads.calls
+
+
+def _rpn_targets(overrides=()):
+    """A tiny model's RPN and what its training targets are made from: anchors, head outputs, targets
+    (an image without boxes last)."""
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(*overrides)).train()
+    images, targets = toy_batch()
+    images.append(images[0].clone())
+    targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    batch, targets = model.transform([img.float().div(255) for img in images], targets)
+    features = list(model.backbone(batch.tensors).values())
+    rpn = model.rpn
+    objectness, deltas = concat_box_prediction_layers(*rpn.head(features))
+    return rpn, rpn.anchor_generator(batch, features), objectness, deltas, targets
+
+
+def test_the_rpn_labels_and_losses_are_torchvisions():
+    """Drawing every anchor (a batch larger than the anchors, positive fraction 1) makes the draw
+    deterministic: then the labels, matched boxes and per-image losses are torchvision's own, low-
+    quality matches (an anchor that is a gt box's best, under the IoU threshold) included."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    rpn, anchors, objectness, deltas, targets = _rpn_targets(("rpn.batch_size_per_image=100000",
+                                                               "rpn.positive_fraction=1.0"))
+    labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+    tv_labels, tv_matched = RegionProposalNetwork.assign_targets_to_anchors(rpn, anchors, targets)
+    low_quality = 0
+    for i, target in enumerate(targets):
+        assert torch.equal(labels[i], tv_labels[i])
+        positive = labels[i] == 1  # the others' matched box is never read (torchvision's: gt box 0)
+        assert torch.equal(matched[i][positive], tv_matched[i][positive])
+        if len(target["boxes"]):
+            best = rpn.box_similarity(target["boxes"], anchors[i]).max(dim=0).values
+            low_quality += int(((labels[i] == 1) & (best < rpn.sampler.fg_iou)).sum())
+            assert (labels[i] == -1).any() and (labels[i] == 0).any()
+    assert low_quality > 0  # the case where matching by the thresholds alone would differ
+    regression = [rpn.box_coder.encode_single(m, a) for m, a in zip(matched, anchors, strict=True)]
+    counts = [len(a) for a in anchors]
+    for i, (o, d) in enumerate(zip(objectness.split(counts), deltas.split(counts), strict=True)):
+        ours = rpn.compute_loss(o, d, [labels[i]], [regression[i]])
+        theirs = RegionProposalNetwork.compute_loss(rpn, o, d, [labels[i]], [regression[i]])
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_rpn_training_targets_and_losses_read_nothing_back():
+    """Matching, the draw, the losses and their backward: no host read (an image without boxes too)."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    rpn, anchors, objectness, deltas, targets = _rpn_targets()
+    with HostReads() as reads:
+        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        regression = rpn.box_coder.encode(matched, anchors)
+        obj, box = rpn.compute_loss(objectness, deltas, labels, regression)
+        (obj + box).backward()
+    assert reads.calls == []
+    assert torch.isfinite(obj) and torch.isfinite(box) and box > 0
+    assert all(torch.isfinite(p.grad).all() for p in rpn.head.parameters())
+    with HostReads() as reads:  # torchvision's own reads
+        RegionProposalNetwork.compute_loss(rpn, objectness.detach(), deltas.detach(), labels, list(regression))
+    assert reads.calls.count("nonzero") >= 2
