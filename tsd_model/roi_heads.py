@@ -75,8 +75,9 @@ class RoIStage(nn.Module):
     """
 
     def __init__(self, head: nn.Module, pool: MultiScaleDeformRoIPool, coder: BoxCoder, sampler: RoISampler, *,
-                 sibling: SiblingHead | None = None, add_gt_as_proposals: bool = True, smooth_l1_beta: float = 1.0, pc_cls_margin: float | None = None,
-                 pc_loc_margin: float | None = None, delta_r_grad_through_targets: bool = True,
+                 sibling: SiblingHead | None = None, add_gt_as_proposals: bool = True, smooth_l1_beta: float = 1.0,
+                 pc_cls_margin: float | None = None, pc_loc_margin: float | None = None,
+                 delta_r_grad_through_targets: bool = True,
                  name_suffix: str = "", compile: CompileOptions | None = None) -> None:
         super().__init__()
         self.head_attr, self.head_type = _HEAD_NAMES[type(head)]

@@ -1,4 +1,5 @@
-"""Which proposals a training RoI stage learns from: IoU matching and a fixed-size balanced draw.
+"""Which proposals a training RoI stage learns from (and which anchors the RPN learns from): IoU
+matching and a fixed-size balanced draw.
 
 torchvision's ``BalancedPositiveNegativeSampler`` finds the positives and the negatives with
 ``nonzero`` and permutes each; with the indices kept that is three reads of data-dependent sizes
