@@ -4,7 +4,9 @@ TSD's extra time goes: the top operators by device time, and how many kernels ea
     python bench/profile_model.py [--device cuda] [--amp] [--heads tsd,sibling] [--compile MODE] > profile.txt
 
 ``--compile`` runs the RoI stages as compiled graphs (``roi.compile``; ``eager`` = not compiled):
-the operator calls it saves are what the GPU waits for at one image per step.
+the operator calls it saves are what the GPU waits for at one image per step. Each step also
+prints its host reads (``tsd_model.host_reads``: calls whose result the host reads, by operator)
+and, on CUDA, the synchronising calls CUDA reports.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from tsd_model.build import build_model
     from tsd_model.config import ModelConfig
+    from tsd_model.host_reads import HostReads, cuda_syncs
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -67,6 +70,14 @@ def main() -> None:
             kernels = sum(e.count for e in events if cuda and e.device_type.name == "CUDA")
             ops = sum(e.count for e in events if e.device_type.name == "CPU")
             print(f"\n=== {head} {name} (roi.compile={args.compile}): {ops} CPU-side op calls, {kernels} kernel launches")
+            with HostReads() as reads:  # what would make the host wait for the GPU, by operator
+                fn()
+            print(f"host reads: {reads.summary()}")
+            if cuda:
+                with cuda_syncs() as syncs:
+                    fn()
+                torch.cuda.synchronize()
+                print(f"synchronising CUDA calls (set_sync_debug_mode): {len(syncs)}")
             print(events.table(sort_by=sort, row_limit=args.rows))
 
 

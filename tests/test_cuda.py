@@ -250,3 +250,18 @@ def test_the_rpn_training_targets_and_losses_do_not_wait_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(obj) and torch.isfinite(box) and torch.isfinite(deltas.grad).all()
+
+
+def test_cuda_syncs_counts_what_synchronises_and_nothing_else():
+    """``host_reads.cuda_syncs`` (what ``bench/profile_model.py`` reports on CUDA) sees a ``nonzero``
+    and an ``item``, and not an elementwise kernel."""
+    from tsd_model.host_reads import cuda_syncs
+
+    x = torch.arange(6.0, device=CUDA)
+    torch.cuda.synchronize()
+    with cuda_syncs() as quiet:
+        (x * 2 + 1).exp_()
+    with cuda_syncs() as syncs:
+        x.nonzero()
+        x.sum().item()
+    assert quiet == [] and len(syncs) == 2, (quiet, syncs)

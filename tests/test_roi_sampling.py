@@ -2,7 +2,7 @@
 
 It must draw what torchvision's ``BalancedPositiveNegativeSampler`` draws (as many positives and
 negatives, each uniformly), its fill-ins must change no loss, and a training step of the RoI
-heads must not wait for the GPU anywhere (counted on the CPU by ``HostReads``).
+heads must not wait for the GPU anywhere (counted on the CPU by ``host_reads.HostReads``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-from tests.model_utils import HostReads, tiny_model_config, toy_batch
+from tests.model_utils import tiny_model_config, toy_batch
 from tsd_model.build import build_model
+from tsd_model.host_reads import HostReads
 from tsd_model.roi_heads import SampledRoIs
 from tsd_model.roi_sampling import BACKGROUND, IGNORED, RoISampler
 
