@@ -20,4 +20,3 @@ def toy_batch(seed: int = 0):
     targets = [{"boxes": torch.tensor([[10.0, 20, 60, 80], [70, 30, 150, 110]]), "labels": torch.tensor([3, 5])},
                {"boxes": torch.tensor([[5.0, 5, 100, 120]]), "labels": torch.tensor([8])}]
     return images, targets
-

@@ -6,6 +6,8 @@ Skipped where there is no GPU (CI); run on a GPU machine with ``pytest tests/tes
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,6 +22,17 @@ from tsd_model.ops import RULES, deform_roi_pool
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
+
+
+@contextmanager
+def syncs_are_errors() -> Iterator[None]:
+    """Any call under it that synchronises with the GPU raises, at that call (the queue is drained first)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def _inputs(seed: int = 0):
@@ -197,13 +210,10 @@ def test_the_feature_table_and_the_loss_weights_do_not_wait_for_the_gpu():
     maps = [torch.randn(2, 8, 40, 48, device=CUDA), torch.randn(2, 8, 20, 24, device=CUDA)]
     mask = torch.rand(8, device=CUDA) > 0.5
     FeatureTable.build(maps, [0.25, 0.125])  # the layout's small tensors are made once, here
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with syncs_are_errors():
         table = FeatureTable.build(maps, [0.25, 0.125], num_rows=FeatureTable.rows_needed(maps) + 64)
         weights = per_image_weights([3, 0, 5], device=CUDA)
         masked = per_image_weights([3, 0, 5], mask)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert table.rows.shape[0] == 2 * (40 * 48 + 20 * 24) + 64
     assert weights.device.type == masked.device.type == "cuda"
 
@@ -222,13 +232,9 @@ def test_a_training_step_of_the_roi_heads_does_not_wait_for_the_gpu(overrides):
     images = [img.to(CUDA) for img in images]
     targets = [{k: v.to(CUDA) for k, v in t.items()} for t in targets]
     features, proposals, sizes, targets = roi_inputs(model, images, targets)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with syncs_are_errors():
         _, losses = model.roi_heads(features, proposals, sizes, targets)
         sum(losses.values()).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(v) for v in losses.values())
 
 
@@ -241,14 +247,10 @@ def test_the_rpn_training_targets_and_losses_do_not_wait_for_the_gpu():
     anchors = [a.to(CUDA) for a in anchors]
     objectness, deltas = objectness.detach().to(CUDA).requires_grad_(), deltas.detach().to(CUDA).requires_grad_()
     targets = [{k: v.to(CUDA) for k, v in t.items()} for t in targets]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with syncs_are_errors():
         labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
         obj, box = rpn.compute_loss(objectness, deltas, labels, rpn.box_coder.encode(matched, anchors))
         (obj + box).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(obj) and torch.isfinite(box) and torch.isfinite(deltas.grad).all()
 
 

@@ -16,10 +16,10 @@ number with four significant bits: at most 12.5 % padding, eight sizes per octav
 compilation per bucket, and a training run's RoI count is the same every step: the sampler
 draws a fixed number per image once the proposals outnumber it). The table's rows are padded to
 buckets too (zero rows that nothing reads), so that CUDA graphs, which are recorded per shape,
-record few. Padded RoIs are real boxes
-``[0, 0, 1, 1]`` of image 0, background with loss weight 0, whose outputs are cut off, so the
-real RoIs' values, losses and gradients are the eager stage's. Inside the graph P is pooled by the table gather
-(``ops.pool_table``): the per-level ``roi_align`` path needs the per-level counts on the host.
+record few. Padded RoIs are real boxes ``[0, 0, 1, 1]`` of image 0, background with loss weight
+0, whose outputs are cut off, so the real RoIs' values, losses and gradients are the eager
+stage's. Inside the graph P is pooled by the table gather (``ops.pool_table``): the per-level
+``roi_align`` path needs the per-level counts on the host.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class RoIStage(nn.Module):
         for i, (props, target) in enumerate(zip(proposals, targets, strict=True)):
             gt_boxes, gt_labels = target["boxes"], target["labels"]
             from_gt = torch.zeros(len(props), dtype=torch.bool, device=props.device)
-            skip = excluded[i] if excluded is not None else from_gt
+            skip = excluded[i] if excluded is not None else torch.zeros_like(from_gt)
             if self.add_gt and len(gt_boxes):
                 props = torch.cat([props, gt_boxes.to(props.dtype)])
                 from_gt = torch.cat([from_gt, torch.ones(len(gt_boxes), dtype=torch.bool, device=props.device)])

@@ -35,20 +35,27 @@ class RoISampler:
         bg_iou: below this it is background; in between it is ignored.
         batch_size_per_image: RoIs drawn per image (fewer only when there are fewer proposals).
         positive_fraction: the largest share of them that are positives.
+        allow_low_quality_matches: a proposal that is some gt box's best (ties included) is also a
+            positive, of its own best gt box, whatever its IoU (torchvision's matcher, for the RPN).
     """
 
     fg_iou: float
     bg_iou: float
     batch_size_per_image: int
     positive_fraction: float
+    allow_low_quality_matches: bool = False
 
     def labels(self, iou: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Each proposal's label (gt class + 1, ``BACKGROUND`` or ``IGNORED``) and the index of its
         best-matching gt box, from the ``[G, N]`` IoU matrix (``G`` ≥ 1). ``torch.where`` only: a
         masked assignment would be an index with a host read behind it."""
         best, matched = iou.max(dim=0)
-        labels = torch.where(best >= self.fg_iou, gt_labels[matched] + 1, IGNORED)
-        return torch.where(best < self.bg_iou, BACKGROUND, labels), matched
+        positive = gt_labels[matched] + 1
+        labels = torch.where(best < self.bg_iou, BACKGROUND, torch.where(best >= self.fg_iou, positive, IGNORED))
+        if self.allow_low_quality_matches:
+            is_a_gts_best = (iou == iou.max(dim=1, keepdim=True).values).any(dim=0)
+            labels = torch.where(is_a_gts_best, positive, labels)
+        return labels, matched
 
     def draw(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Indices of the drawn RoIs into ``labels`` (``min(batch_size_per_image, len(labels))`` of

@@ -28,7 +28,8 @@ class PerImageLossRPN(RegionProposalNetwork):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         m, s = self.proposal_matcher, self.fg_bg_sampler
-        self.sampler = RoISampler(m.high_threshold, m.low_threshold, s.batch_size_per_image, s.positive_fraction)
+        self.sampler = RoISampler(m.high_threshold, m.low_threshold, s.batch_size_per_image, s.positive_fraction,
+                                  allow_low_quality_matches=m.allow_low_quality_matches)
 
     def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
                                   ) -> tuple[list[Tensor], list[Tensor]]:
@@ -41,11 +42,9 @@ class PerImageLossRPN(RegionProposalNetwork):
                 labels.append(torch.zeros(len(anchors_per_image), device=anchors_per_image.device))
                 matched_boxes.append(torch.zeros_like(anchors_per_image, dtype=torch.float32))
                 continue
-            iou = self.box_similarity(gt_boxes, anchors_per_image)
-            best, matched = iou.max(dim=0)
-            label = torch.where(best >= self.sampler.fg_iou, 1.0, torch.where(best < self.sampler.bg_iou, 0.0, -1.0))
-            is_a_gts_best = (iou == iou.max(dim=1, keepdim=True).values).any(dim=0)
-            labels.append(torch.where(is_a_gts_best, 1.0, label))
+            one_class = torch.zeros(len(gt_boxes), dtype=torch.long, device=gt_boxes.device)  # object: label 1
+            label, matched = self.sampler.labels(self.box_similarity(gt_boxes, anchors_per_image), one_class)
+            labels.append(label.float())
             matched_boxes.append(gt_boxes[matched])
         return labels, matched_boxes
 
