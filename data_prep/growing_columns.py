@@ -39,6 +39,20 @@ class GrowingColumns:
             array[self.rows : self.rows + n] = values[name]
         self.rows += n
 
+    def column(self, name: str) -> np.ndarray:
+        """The column's rows so far (a view: valid until the next append)."""
+        return self._arrays[name][: self.rows]
+
+    def keep(self, start: int, stop: int, mask: np.ndarray) -> None:
+        """Keep only the rows of ``[start, stop)`` where ``mask`` is True; the rows after them move up."""
+        if len(mask) != stop - start:
+            raise ValueError(f"a mask of {len(mask)} rows for rows [{start}, {stop})")
+        kept = int(mask.sum())
+        for array in self._arrays.values():
+            array[start : start + kept] = array[start:stop][mask]
+            array[start + kept : self.rows - (stop - start - kept)] = array[stop : self.rows]
+        self.rows -= stop - start - kept
+
     def pop(self, name: str) -> np.ndarray:
         """The column's rows so far (a view of its array), no longer held here."""
         return self._arrays.pop(name)[: self.rows]

@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 
 from data_prep import rejects as R
 from data_prep.csv_ranges import line_ranges, lines_before, parallel_batches
+from data_prep.duplicate_boxes import StreamingDuplicates, first_of_duplicates
 from data_prep.errors import InputError
 from data_prep.growing_columns import GrowingColumns
 from data_prep.labels import LabelSpace
@@ -286,6 +287,8 @@ def _empty_cells(column: pa.Array) -> np.ndarray:
     """Mask of the empty strings of a text column."""
     if isinstance(column, pa.DictionaryArray):
         empty = pc.equal(pc.utf8_length(column.dictionary), 0).to_numpy(zero_copy_only=False)
+        if not empty.any():  # the usual case: no per-row lookup
+            return np.zeros(len(column), dtype=bool)
         return empty[column.indices.to_numpy(zero_copy_only=False)]
     return pc.equal(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
 
@@ -392,17 +395,18 @@ def _read_with_fallback(read_once, uri: str, images: ImageCoder, log: RejectLog)
 
 @dataclass
 class _TextFaults:
-    """Per row of a block: the first text column whose cell is not UTF-8 or holds a stray quote."""
+    """The rows of a block with a text cell that is not UTF-8 or holds a stray quote: a mask, and
+    for each such row what is wrong with its first such cell (faulty rows are rare, so a dict)."""
 
-    column: np.ndarray  # object [n]: column name, or None
-    problem: np.ndarray  # object [n]: what is wrong with it
+    mask: np.ndarray  # bool [n]
+    details: dict[int, str] = field(default_factory=dict)  # row -> "what in which column"
 
-    @property
-    def mask(self) -> np.ndarray:
-        return self.column != None  # noqa: E711 (elementwise)
-
-    def detail(self, i: int) -> str:
-        return f"{self.problem[i]} in {self.column[i]}"
+    def note(self, rows: np.ndarray, column: str, problem: str) -> None:
+        """Record ``problem`` in ``column`` for the rows of the mask ``rows`` not yet faulty."""
+        new = rows & ~self.mask
+        for i in np.flatnonzero(new):
+            self.details[int(i)] = f"{problem} in {column}"
+        self.mask |= new
 
 
 def _text_columns(cols: dict[str, pa.Array], text: tuple[str, ...], typed: bool) -> _TextFaults:
@@ -416,19 +420,18 @@ def _text_columns(cols: dict[str, pa.Array], text: tuple[str, ...], typed: bool)
     the official files quote nothing) is named. Numbers are checked later by ``_numbers``.
     """
     n = len(next(iter(cols.values()))) if cols else 0
-    faults = _TextFaults(np.full(n, None, dtype=object), np.full(n, None, dtype=object))
+    faults = _TextFaults(np.zeros(n, dtype=bool))
     if typed:
         for name in text:
             col = cols[name]
-            values = col.dictionary if isinstance(col, pa.DictionaryArray) else col
-            if len(values) and pc.any(pc.match_substring_regex(values, "[\r\n]")).as_py():
+            if _holds_line_break(col.dictionary if isinstance(col, pa.DictionaryArray) else col):
                 raise _SlowPath()
         return faults
     for name, col in cols.items():
         not_utf8 = _not_utf8(col)
         if not_utf8.any():
             col = pc.if_else(pa.array(not_utf8), pa.scalar(b"", pa.binary()), col)
-            _note(faults, not_utf8, name, "bytes that are not UTF-8")
+            faults.note(not_utf8, name, "bytes that are not UTF-8")
         strings = col.cast(pa.string())
         if pc.any(pc.match_substring(strings, '"')).as_py():
             trimmed = pc.utf8_trim_whitespace(strings)
@@ -439,15 +442,23 @@ def _text_columns(cols: dict[str, pa.Array], text: tuple[str, ...], typed: bool)
             quoted = pc.fill_null(pc.match_substring(strings, '"'), False).to_numpy(zero_copy_only=False)
             if quoted.any():
                 strings = pc.if_else(pa.array(quoted), pa.scalar("", pa.string()), strings)
-                _note(faults, quoted, name, "a stray quote (\")")
+                faults.note(quoted, name, "a stray quote (\")")
         cols[name] = strings
     return faults
 
 
-def _note(faults: _TextFaults, mask: np.ndarray, column: str, problem: str) -> None:
-    new = mask & ~faults.mask
-    faults.column[new] = column
-    faults.problem[new] = problem
+def _holds_line_break(strings: pa.Array) -> bool:
+    """Whether a string column's cells hold a CR or LF: one byte search over the bytes they span
+    (a regex per cell took ~10 % of reading the train box file)."""
+    if len(strings) == 0:
+        return False
+    _, offsets_buf, data_buf = strings.buffers()
+    if data_buf is None:
+        return False
+    width = np.int64 if pa.types.is_large_string(strings.type) or pa.types.is_large_binary(strings.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=width)[strings.offset : strings.offset + len(strings) + 1]
+    data = bytes(memoryview(data_buf)[offsets[0] : offsets[-1]])
+    return b"\n" in data or b"\r" in data
 
 
 def _not_utf8(column: pa.Array) -> np.ndarray:
@@ -550,8 +561,9 @@ def _read_boxes_once(
     mids = pa.array(labels.mids)
 
     specs = {"img": (np.int32, ()), "lab": (np.int16, ()), "box": (np.float32, (4,)), "row": (np.int32, ()),
-             **({"key": (np.uint64, ())} if drop_duplicates else {}), **{f: (np.int8, ()) for f in flags_present}}
+             **{f: (np.int8, ()) for f in flags_present}}
     kept = GrowingColumns(specs, _rows_estimate(uri))  # the valid rows, batch by batch
+    duplicates = StreamingDuplicates(kept, "IsGroupOf" if "IsGroupOf" in flags_present else None)
     rows = 0
     bad_rows: list[tuple[int, str, str, str]] = []  # (data row, reason, image id, detail)
     for batch in _iter_batches(reader, uri, typed, line_map):
@@ -562,33 +574,40 @@ def _read_boxes_once(
         lab = _codes_in(cols["LabelName"], mids)
         box = np.empty((n, 4), dtype=np.float32)
         malformed = _empty_cells(cols["ImageID"]) | text.mask
+        out_of_range = np.zeros(n, dtype=bool)  # per column: contiguous compares, not an any() over box rows
         # CSV order XMin, XMax, YMin, YMax -> project order x1, y1, x2, y2
         for src, dst in zip(coords, (0, 2, 1, 3), strict=True):
-            box[:, dst], bad = _numbers(cols[src])
+            values, bad = _numbers(cols[src])
+            box[:, dst] = values
             malformed |= bad
+            out_of_range |= (values < 0) | (values > 1)
         flag_values = {}
         bad_flag = np.zeros(n, dtype=bool)
         bad_flag_name: dict[int, str] = {}
         for f in flags_present:
-            if pa.types.is_integer(cols[f].type):  # fast path: empty cells are nulls -> -1 (unknown)
+            # a flag is 0, 1 or -1 (unknown), nothing else (np.isin sorts, 5x slower here)
+            if pa.types.is_int8(cols[f].type):  # fast path: empty cells are nulls -> -1 (unknown)
                 raw = pc.fill_null(cols[f], -1).to_numpy(zero_copy_only=False)
+                wrong = raw.view(np.uint8) + np.uint8(1) > 2  # -1, 0, 1 -> 0, 1, 2 (uint8 wraps)
+                value = raw  # a wrong one rejects its row
             else:
                 v, bad = _numbers(cols[f], allow_empty=True)
                 malformed |= bad
                 raw = np.where(np.isnan(v) & ~bad, -1.0, np.nan_to_num(v, nan=0.0))
-            # a flag is 0, 1 or -1 (unknown), nothing else (three compares: np.isin sorts, 5x slower here)
-            wrong = ~malformed & ~((raw == 0) | (raw == 1) | (raw == -1))
+                wrong = ~((raw == 0) | (raw == 1) | (raw == -1))
+                value = np.clip(raw, -1, 1).astype(np.int8)
+            wrong &= ~malformed
             for i in np.flatnonzero(wrong & ~bad_flag):
                 bad_flag_name[int(i)] = f"{f}={raw[i]:g}"
             bad_flag |= wrong
-            flag_values[f] = np.clip(raw, -1, 1).astype(np.int8)
+            flag_values[f] = value
         unknown = (lab < 0) & ~malformed & ~bad_flag
-        outside = ~malformed & ((box < 0) | (box > 1)).any(axis=1)
+        outside = ~malformed & out_of_range
         degenerate = ~malformed & ~outside & ((box[:, 0] >= box[:, 2]) | (box[:, 1] >= box[:, 3]))
         bad_mask = malformed | unknown | outside | degenerate | bad_flag
         for i in np.flatnonzero(bad_mask):
-            if text.column[i] is not None:
-                reason, detail = R.MALFORMED_ROW, text.detail(i)
+            if i in text.details:
+                reason, detail = R.MALFORMED_ROW, text.details[i]
             elif malformed[i]:
                 reason, detail = R.MALFORMED_ROW, "empty ImageID, or a coordinate/flag that is not a number"
             elif bad_flag[i]:
@@ -608,42 +627,37 @@ def _read_boxes_once(
             keep = ~bad_mask
             img, lab, box, data_row = img[keep], lab[keep], box[keep], data_row[keep]
             flag_values = {f: v[keep] for f, v in flag_values.items()}
-        valid = {"img": img, "lab": lab, "box": box, "row": data_row, **flag_values}
-        if drop_duplicates:  # hashed here, where the consumer would otherwise wait for the parsers
-            group = flag_values.get("IsGroupOf", np.full(len(img), -1, np.int8))
-            valid["key"] = _duplicate_key(img, lab, box, group)
-        kept.append(valid)
+        kept.append({"img": img, "lab": lab, "box": box, "row": data_row, **flag_values})
+        if drop_duplicates:  # here, where the consumer would otherwise wait for the parsers
+            duplicates.check_complete_images()
         rows += n
+    if drop_duplicates:
+        duplicates.finish()
 
     for data_row, reason, image_id, detail in bad_rows:
         log.add(Reject(reason, uri, detail, line=line_map.line(data_row), image_id=image_id))
 
     img, lab, box, data_row = kept.pop("img"), kept.pop("lab"), kept.pop("box"), kept.pop("row")
-    dup_key = kept.pop("key") if drop_duplicates else None
     flags = {f: (kept.pop(f) if f in flags_present else np.full(len(lab), -1, np.int8)) for f in BOX_FLAGS}
 
     order, offsets = group_offsets(img, len(images))
     if order is not None:
         img, lab, box, data_row = img[order], lab[order], box[order], data_row[order]
-        dup_key = dup_key[order] if dup_key is not None else None
         flags = {k: v[order] for k, v in flags.items()}
 
-    if drop_duplicates and len(lab):
-        keep = _first_of_duplicates(img, lab, box, flags["IsGroupOf"], dup_key)
+    removed_rows, removed_images = duplicates.removed_rows, duplicates.removed_images
+    if drop_duplicates and not duplicates.grouped and len(lab):  # the whole file at once, now grouped
+        keep = first_of_duplicates(img, lab, box, flags["IsGroupOf"])
         if not keep.all():
-            for i in np.flatnonzero(~keep):
-                log.add(
-                    Reject(
-                        R.DUPLICATE_BOX,
-                        uri,
-                        "same image, class, box and group-of flag as an earlier row",
-                        line=line_map.line(int(data_row[i])),
-                        image_id=images.ids[img[i]],
-                    )
-                )
+            removed_rows, removed_images = [*removed_rows, data_row[~keep]], [*removed_images, img[~keep]]
             img, lab, box, data_row = img[keep], lab[keep], box[keep], data_row[keep]
             flags = {k: v[keep] for k, v in flags.items()}
             _, offsets = group_offsets(img, len(images))
+    if removed_rows:
+        for row, code in zip(np.concatenate(removed_rows).tolist(), np.concatenate(removed_images).tolist(),
+                             strict=True):
+            log.add(Reject(R.DUPLICATE_BOX, uri, "same image, class, box and group-of flag as an earlier row",
+                           line=line_map.line(row), image_id=images.ids[code]))
 
     lines = data_row + np.int32(2)
     if line_map.skipped:
@@ -660,90 +674,6 @@ def _rows_estimate(uri: str) -> int:
         return os.path.getsize(uri) // 40 + 1024
     except OSError:
         return 1 << 20
-
-
-def _duplicate_key(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Per row: the image code in the high 32 bits, the top of a hash of (class, box, group-of) below.
-
-    Rows grouped by image give nearly sorted keys, which the stable sort (timsort) exploits --
-    several times faster than sorting the hash alone.
-    """
-    bits = np.ascontiguousarray(box).view(np.uint64)  # (x1, y1) and (x2, y2) as two 64-bit words per row
-    with np.errstate(over="ignore"):
-        h = (
-            (img.astype(np.uint64) << np.uint64(20))
-            ^ lab.astype(np.uint64)
-            ^ (group.astype(np.uint64) << np.uint64(16))
-        )
-        h *= np.uint64(0x9E3779B97F4A7C15)
-        h ^= bits[:, 0] * np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= bits[:, 1]
-        h ^= h >> np.uint64(32)
-    return (img.astype(np.uint64) << np.uint64(32)) | (h >> np.uint64(32))
-
-
-DUPLICATE_CHECK_ROWS = 1 << 20  # rows sorted at a time when they are grouped by image
-
-
-def _first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray,
-                         key: np.ndarray | None = None) -> np.ndarray:
-    """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
-
-    A sort of the rows' ``_duplicate_key`` finds candidate runs of equal keys; inside a run rows
-    are compared exactly in row order, so a hash collision never drops a row. Rows in image order
-    (what the readers hand over) are sorted in slices of whole images, ~1M rows each: duplicates
-    never cross an image, and the sort's index and sorted keys then take ~17 MB instead of 17
-    bytes per row at once (0.2 GiB for the 12.2M-row train file).
-    """
-    if key is None:
-        key = _duplicate_key(img, lab, box, group)
-    n = len(key)
-    if n <= DUPLICATE_CHECK_ROWS or not bool((img[1:] >= img[:-1]).all()):
-        return _first_of_duplicates_in(img, lab, box, group, key)
-    keep = np.empty(n, dtype=bool)
-    start = 0
-    while start < n:
-        end = start + DUPLICATE_CHECK_ROWS
-        if end < n:  # back to the start of the image the cut fell in, or past it if it began the slice
-            cut = int(np.searchsorted(img, img[end], side="left"))
-            end = cut if cut > start else int(np.searchsorted(img, img[end], side="right"))
-        end = min(end, n)
-        keep[start:end] = _first_of_duplicates_in(img[start:end], lab[start:end], box[start:end], group[start:end],
-                                                  key[start:end])
-        start = end
-    return keep
-
-
-def _first_of_duplicates_in(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray,
-                            key: np.ndarray) -> np.ndarray:
-    """``_first_of_duplicates`` over rows sorted in one go."""
-    order = np.argsort(key, kind="stable")
-    hs = key[order]
-    keep = np.ones(len(key), dtype=bool)
-    same = np.flatnonzero(hs[1:] == hs[:-1])  # position j: sorted rows j and j + 1 share a hash
-    run_start = None
-    for k, j in enumerate(same):
-        if run_start is None:
-            run_start = j
-        if k + 1 < len(same) and same[k + 1] == j + 1:
-            continue  # the run goes on
-        rows = np.sort(order[run_start : j + 2])
-        kept: list[int] = []
-        for r in rows:
-            if any(
-                img[r] == img[q]
-                and lab[r] == lab[q]
-                and group[r] == group[q]
-                and np.array_equal(box[r], box[q])
-                for q in kept
-            ):
-                keep[r] = False
-            else:
-                kept.append(int(r))
-        run_start = None
-    return keep
 
 
 def read_image_labels(
@@ -789,8 +719,8 @@ def _read_image_labels_once(
         bad |= _empty_cells(cols["ImageID"]) | text.mask
         unknown = (lab < 0) & ~bad
         for i in np.flatnonzero(bad | unknown):
-            if text.column[i] is not None:
-                reason, detail = R.MALFORMED_ROW, text.detail(i)
+            if i in text.details:
+                reason, detail = R.MALFORMED_ROW, text.details[i]
             elif bad[i]:
                 reason, detail = (
                     R.MALFORMED_ROW,

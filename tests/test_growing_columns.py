@@ -29,3 +29,18 @@ def test_a_batch_must_hold_every_column_at_one_length():
     with pytest.raises(ValueError, match="different lengths"):
         cols.append({"a": np.zeros(2), "b": np.zeros(3)})
     assert cols.rows == 0
+
+
+def test_keep_drops_rows_of_a_range_and_moves_the_later_rows_up():
+    cols = GrowingColumns({"a": (np.int32, ()), "box": (np.float32, (4,))}, 4)
+    a = np.arange(10)
+    cols.append({"a": a, "box": np.repeat(a[:, None], 4, axis=1)})
+    mask = np.array([True, False, False, True, False])  # rows 2..6: keep 2 and 5
+    cols.keep(2, 7, mask)
+    assert cols.rows == 7
+    assert cols.column("a").tolist() == [0, 1, 2, 5, 7, 8, 9]
+    np.testing.assert_array_equal(cols.column("box")[:, 3], [0, 1, 2, 5, 7, 8, 9])
+    cols.append({"a": np.array([42]), "box": np.zeros((1, 4))})  # appends after the kept rows
+    assert cols.pop("a").tolist() == [0, 1, 2, 5, 7, 8, 9, 42]
+    with pytest.raises(ValueError, match="a mask of 2 rows"):
+        cols.keep(0, 3, np.ones(2, dtype=bool))

@@ -162,10 +162,10 @@ def test_files_share_one_image_coder(tmp_path):
 def test_duplicate_detection_matches_a_plain_python_reference(monkeypatch, slice_rows, image_order):
     """In one sort, in slices of whole images (slices shorter than an image included), and for
     rows not in image order (one sort)."""
-    import data_prep.oid_files as oid_files
-    from data_prep.oid_files import _first_of_duplicates
+    import data_prep.duplicate_boxes as duplicate_boxes
+    from data_prep.duplicate_boxes import first_of_duplicates
 
-    monkeypatch.setattr(oid_files, "DUPLICATE_CHECK_ROWS", slice_rows)
+    monkeypatch.setattr(duplicate_boxes, "DUPLICATE_CHECK_ROWS", slice_rows)
     rng = np.random.default_rng(0)
     n = 20_000
     img = rng.integers(0, 3000, n).astype(np.int32)
@@ -179,7 +179,51 @@ def test_duplicate_detection_matches_a_plain_python_reference(monkeypatch, slice
         expected[i] = key not in seen
         seen.add(key)
     assert (~expected).sum() > 10  # the data has duplicates, some of them triples
-    np.testing.assert_array_equal(_first_of_duplicates(img, lab, box, group), expected)
+    np.testing.assert_array_equal(first_of_duplicates(img, lab, box, group), expected)
+
+
+@pytest.mark.parametrize("layout", ["sorted", "grouped, not sorted", "not grouped", "codes from an earlier file"])
+def test_duplicates_dropped_batch_by_batch_are_those_of_a_plain_python_reference(tmp_path, monkeypatch, layout):
+    """The reader checks a file grouped by image image by image as its batches arrive (an image's
+    rows and its duplicates spanning several batches included); other files at the end. Either
+    way: the first of each repeated (image, class, box, group-of) kept, the rest rejected by line."""
+    import data_prep.oid_files as oid_files
+
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 120, 60)  # some images longer than a batch (~60 rows)
+    images = [f"i{k:03d}" for k in range(len(sizes))]
+    if layout == "grouped, not sorted":
+        images = images[::-1]
+    rows = []
+    for image, size in zip(images, sizes, strict=True):
+        for _ in range(size):  # coarse values, so that exact repeats are common, far apart too
+            x1, y1 = rng.integers(0, 3, 2) / 10
+            rows.append(f"{image},xclick,/m/{'ab'[rng.integers(0, 2)]},1,{x1},{x1 + 0.5},{y1},{y1 + 0.5},0,0,"
+                        f"{rng.integers(0, 2)},0,0")
+    if layout == "not grouped":
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    path = _write(tmp_path, "dups.csv", "\n".join([TRAIN_HEADER, *rows]) + "\n")
+    seen, expected_lines, kept_rows = set(), [], {}
+    for line, row in enumerate(rows, start=2):
+        cells = row.split(",")
+        key = (cells[0], cells[2], *map(float, cells[4:8]), cells[10])
+        if key in seen:
+            expected_lines.append(line)
+        else:
+            seen.add(key)
+            kept_rows.setdefault(cells[0], []).append(line)
+    assert len(expected_lines) > 100
+
+    monkeypatch.setattr(oid_files, "BLOCK_SIZE", 4096)  # ~60 rows a batch
+    coder, log = ImageCoder(), RejectLog()
+    if layout == "codes from an earlier file":  # an image-level file read first gave the codes in reverse order
+        labels = _write(tmp_path, "l.csv", "ImageID,LabelName,Confidence\n" + "".join(f"{i},/m/a,1\n" for i in images[::-1]))
+        read_image_labels(labels, LABELS, coder, RejectLog())
+    table = read_boxes(path, LABELS, coder, log)
+    assert sorted(r.line for r in log.records if r.reason == R.DUPLICATE_BOX) == expected_lines
+    assert len(log) == len(expected_lines) and table.rows_read == len(rows)
+    assert {image: table.line[table.rows_of(coder.get(image))].tolist() for image in kept_rows} == kept_rows
+    assert all(r.image_id == rows[r.line - 2].split(",")[0] for r in log.records)
 
 
 @pytest.mark.parametrize("workers, range_bytes", [(2, 1 << 30), (3, 1 << 30), (2, 40_000)])
