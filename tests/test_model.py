@@ -13,6 +13,7 @@ from data_prep.errors import InputError
 from tests.model_utils import tiny_model_config, toy_batch
 from tsd_model.build import build_model, modules_skipped_at_inference
 from tsd_model.config import ModelConfig, TestConfig
+from tsd_model.host_reads import HostReads
 from tsd_model.postprocess import postprocess_detections, soft_nms
 
 
@@ -287,6 +288,47 @@ def test_postprocess_threshold_nms_and_max_detections():
     assert len(capped["scores"]) == 1
     soft = postprocess_detections(boxes, scores, (100, 100), TestConfig(score_thresh=0.05, nms="soft_gaussian"))
     assert len(soft["scores"]) == 3  # the overlapping class-0 box is decayed, not removed
+
+
+def _crowded_detections(n: int, classes: int, seed: int = 0):
+    """Many overlapping boxes over few positions, many classes, distinct scores (no ties)."""
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.randint(0, 6, (n, 2), generator=g).float() * 4
+    size = 8 + torch.randint(0, 3, (n, 2), generator=g).float() * 2
+    boxes = torch.cat([corner, corner + size], dim=1)
+    return boxes, torch.randperm(n, generator=g).float() / n, torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100, 5000])
+@pytest.mark.parametrize("wanted", [1, 25, 100, 10_000])
+def test_top_class_nms_gives_the_best_boxes_batched_nms_keeps_in_its_order(chunk, wanted):
+    """One NMS call per chunk of candidates (best first), each suppressed by the boxes kept so far:
+    the first ``wanted`` kept are ``batched_nms``'s, whether one chunk or hundreds are needed."""
+    from torchvision.ops import batched_nms
+
+    from tsd_model.postprocess import top_class_nms
+
+    boxes, scores, labels = _crowded_detections(3000, 40)
+    reference = batched_nms(boxes, scores, labels, 0.5)
+    assert 200 < len(reference) < 2000  # some suppressed, more kept than the smaller ``wanted``
+    kept = top_class_nms(boxes, scores, labels, 0.5, wanted, chunk=chunk)
+    assert len(kept) >= min(wanted, len(reference))
+    assert kept[:wanted].tolist() == reference[:wanted].tolist()
+    if wanted >= len(reference):
+        assert kept.tolist() == reference.tolist()
+    assert top_class_nms(boxes[:0], scores[:0], labels[:0], 0.5, wanted).numel() == 0
+
+
+def test_postprocess_drops_boxes_below_the_score_or_size_in_one_selection():
+    boxes = torch.tensor([[[0.0, 0, 5, 5], [0, 0, 5, 5], [10, 10, 10.005, 20], [30, 30, 40, 40]]]).expand(3, -1, -1)
+    boxes = boxes + torch.arange(3.0).view(3, 1, 1) * 45  # three RoIs far apart: nothing suppressed
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.04]]).expand(3, -1) * torch.tensor([[1.0], [0.9], [0.8]])
+    with HostReads() as reads:
+        out = postprocess_detections(boxes, scores, (200, 200), TestConfig(score_thresh=0.05, nms_iou=0.5))
+    # class 0 kept in each RoI, class 1 too narrow (5e-3 px), class 2 below the score threshold
+    assert out["labels"].tolist() == [0, 0, 0]
+    torch.testing.assert_close(out["scores"], torch.tensor([0.9, 0.81, 0.72]))
+    assert reads.calls.count("nonzero") == 1, reads.summary()  # the score and size tests: one selection
 
 
 def test_tta_merges_scales_and_flips():
