@@ -189,3 +189,42 @@ def test_the_rpn_training_targets_and_losses_read_nothing_back():
     with HostReads() as reads:  # torchvision's own reads
         RegionProposalNetwork.compute_loss(rpn, objectness.detach(), deltas.detach(), labels, list(regression))
     assert reads.calls.count("nonzero") >= 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_rpn_proposals_are_torchvisions_with_one_selection_per_image_fewer(training):
+    """Per-level top-k, clipping, the minimum size and the score threshold (both made to drop
+    boxes here), NMS per level, the best ``post_nms_top_n``: torchvision's proposals and scores,
+    with the size and score tests in one selection (one ``nonzero`` per image, torchvision's two)."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config()).train(training)
+    images, _ = toy_batch()
+    batch, _ = model.transform([img.float().div(255) for img in images])
+    features = list(model.backbone(batch.tensors).values())
+    rpn = model.rpn
+    rpn.min_size, rpn.score_thresh = 30.0, 0.5  # an untrained head: scores 0.496-0.510, boxes from 21 px
+    head_objectness, head_deltas = rpn.head(features)
+    per_level = [o[0].numel() for o in head_objectness]
+    objectness, deltas = concat_box_prediction_layers(head_objectness, head_deltas)
+    anchors = rpn.anchor_generator(batch, features)
+    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+    with HostReads() as ours_reads:
+        boxes, scores = rpn.filter_proposals(proposals, objectness, batch.image_sizes, per_level)
+    with HostReads() as theirs_reads:
+        tv_boxes, tv_scores = RegionProposalNetwork.filter_proposals(rpn, proposals, objectness, batch.image_sizes,
+                                                                     per_level)
+    kept = 0
+    for b, sc, tb, ts in zip(boxes, scores, tv_boxes, tv_scores, strict=True):
+        assert torch.equal(b, tb) and torch.equal(sc, ts)
+        kept += len(b)
+    top = rpn._get_top_n_idx(objectness.detach().reshape(len(anchors), -1), per_level)
+    rows = torch.arange(len(anchors))[:, None]
+    candidate_boxes, candidate_scores = proposals[rows, top], objectness.detach().reshape(len(anchors), -1)[rows, top]
+    small = ((candidate_boxes[..., 2:] - candidate_boxes[..., :2]) < rpn.min_size).any(dim=-1)
+    low = candidate_scores.sigmoid() < rpn.score_thresh
+    assert (small & ~low).any() and (low & ~small).any() and (~small & ~low).any()  # each test drops boxes of its own
+    assert kept > 0
+    # the same NMS reads; the size and score tests: one selection per image, torchvision's two
+    assert theirs_reads.calls.count("nonzero") - ours_reads.calls.count("nonzero") == len(anchors)
