@@ -109,7 +109,8 @@ class StreamingDuplicates:
     (a file not grouped by image) make ``grouped`` False; from then on nothing is checked here,
     and the caller checks the whole file with ``first_of_duplicates`` once the rows are grouped
     (the rows checked so far hold no duplicates among themselves, so the result is the same).
-    ``removed`` lists the dropped rows' ``row`` values and image codes, in file order.
+    ``removed_rows`` and ``removed_images`` hold the dropped rows' ``row`` values and image codes,
+    in file order.
     """
 
     def __init__(self, columns: GrowingColumns, group: str | None) -> None:
