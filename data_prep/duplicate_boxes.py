@@ -1,9 +1,9 @@
 """Exact duplicate boxes: the rows that repeat (image, class, box, group-of) of an earlier row.
 
-The official files hold some; a duplicate box would count twice in training and as an extra
-ground truth in evaluation, so readers keep the first and reject the rest. Rows are found by a
-sort of 64-bit keys (image code high, a hash of the rest low) and compared exactly, so a hash
-collision never drops a row. ``StreamingDuplicates`` checks a file grouped by image (the
+A file may hold some (one merged from several, say); a duplicate box would count twice in
+training and as an extra ground truth in evaluation, so readers keep the first and reject the
+rest. Rows are found by a sort of 64-bit keys (image code high, a hash of the rest low) and
+compared exactly, so a hash collision never drops a row. ``StreamingDuplicates`` checks a file grouped by image (the
 official files are sorted by ImageID) image by image as its batches arrive, so that the reader
 neither holds a key per row to the end (98 MB for the 12.2M-row train file) nor sorts them all
 after the parse, when the parser threads have finished and one core would wait.
