@@ -278,9 +278,9 @@ def test_postprocessing_on_cuda_equals_cpu_with_a_few_syncs_not_two_per_class():
     from tsd_model.postprocess import postprocess_detections
 
     g = torch.Generator().manual_seed(0)
-    corner = torch.rand(1000, 1, 2, generator=g) * 700
+    corner = (torch.rand(1000, 1, 2, generator=g) * 700).expand(-1, 81, -1)  # one place per RoI, a box per class
     boxes = torch.cat([corner, corner + 20 + torch.rand(1000, 81, 2, generator=g) * 80], dim=2)
-    scores = torch.rand(1000, 81, generator=g).softmax(dim=1)
+    scores = torch.randperm(1000 * 81, generator=g).float().view(1000, 81) / (1000 * 81)  # distinct: no ties to order
     cfg = TestConfig(score_thresh=0.0, max_detections=100)
     cpu = postprocess_detections(boxes, scores, (800, 800), cfg)
     on_gpu = boxes.to(CUDA), scores.to(CUDA)
@@ -290,4 +290,4 @@ def test_postprocessing_on_cuda_equals_cpu_with_a_few_syncs_not_two_per_class():
         gpu = postprocess_detections(*on_gpu, (800, 800), cfg)
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-4, rtol=1e-5)
-    assert len(syncs) <= 6, syncs  # the selection, the NMS chunks, boxes.max (per class: ~160)
+    assert len(syncs) <= 6, syncs  # the selection and the NMS of each chunk (per class it was ~160)
