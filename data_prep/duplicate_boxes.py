@@ -41,8 +41,7 @@ def duplicate_key(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.n
 DUPLICATE_CHECK_ROWS = 1 << 20  # rows sorted at a time when they are grouped by image
 
 
-def first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray,
-                         key: np.ndarray | None = None) -> np.ndarray:
+def first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group: np.ndarray) -> np.ndarray:
     """Mask keeping the first of rows that repeat (image, class, box, group-of) exactly.
 
     A sort of the rows' ``duplicate_key`` finds candidate runs of equal keys; inside a run rows
@@ -51,8 +50,7 @@ def first_of_duplicates(img: np.ndarray, lab: np.ndarray, box: np.ndarray, group
     never cross an image, and the sort's index and sorted keys then take ~17 MB instead of 17
     bytes per row at once (0.2 GiB for the 12.2M-row train file).
     """
-    if key is None:
-        key = duplicate_key(img, lab, box, group)
+    key = duplicate_key(img, lab, box, group)
     n = len(key)
     if n <= DUPLICATE_CHECK_ROWS or not bool((img[1:] >= img[:-1]).all()):
         return _first_of_duplicates_in(img, lab, box, group, key)

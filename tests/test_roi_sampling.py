@@ -127,11 +127,9 @@ def test_a_training_step_of_the_roi_heads_reads_nothing_back(overrides):
     assert "nonzero" in reads.calls
 
 
-def _rpn_targets(overrides=()):
-    """A tiny model's RPN and what its training targets are made from: anchors, head outputs, targets
-    (an image without boxes last)."""
-    from torchvision.models.detection.rpn import concat_box_prediction_layers
-
+def _rpn_inputs(overrides=()):
+    """A tiny model's RPN on the toy batch and an image without boxes (last): the RPN, the batch,
+    its features, the head's per-level outputs and the targets."""
     torch.manual_seed(0)
     model = build_model(tiny_model_config(*overrides)).train()
     images, targets = toy_batch()
@@ -139,8 +137,16 @@ def _rpn_targets(overrides=()):
     targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
     batch, targets = model.transform([img.float().div(255) for img in images], targets)
     features = list(model.backbone(batch.tensors).values())
-    rpn = model.rpn
-    objectness, deltas = concat_box_prediction_layers(*rpn.head(features))
+    return model.rpn, batch, features, model.rpn.head(features), targets
+
+
+def _rpn_targets(overrides=()):
+    """A tiny model's RPN and what its training targets are made from: anchors, head outputs, targets
+    (an image without boxes last)."""
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    rpn, batch, features, head, targets = _rpn_inputs(overrides)
+    objectness, deltas = concat_box_prediction_layers(*head)
     return rpn, rpn.anchor_generator(batch, features), objectness, deltas, targets
 
 
@@ -198,14 +204,9 @@ def test_the_rpn_proposals_are_torchvisions_with_one_selection_per_image_fewer(t
     with the size and score tests in one selection (one ``nonzero`` per image, torchvision's two)."""
     from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
-    torch.manual_seed(0)
-    model = build_model(tiny_model_config()).train(training)
-    images, _ = toy_batch()
-    batch, _ = model.transform([img.float().div(255) for img in images])
-    features = list(model.backbone(batch.tensors).values())
-    rpn = model.rpn
+    rpn, batch, features, (head_objectness, head_deltas), _ = _rpn_inputs()
+    rpn.train(training)
     rpn.min_size, rpn.score_thresh = 30.0, 0.5  # an untrained head: scores 0.496-0.510, boxes from 21 px
-    head_objectness, head_deltas = rpn.head(features)
     per_level = [o[0].numel() for o in head_objectness]
     objectness, deltas = concat_box_prediction_layers(head_objectness, head_deltas)
     anchors = rpn.anchor_generator(batch, features)

@@ -77,3 +77,10 @@ def box_wh(boxes: Tensor) -> Tensor:
 def translate(boxes: Tensor, shift: Tensor) -> Tensor:
     """Move both corners of each box by ``shift[i] = (dx, dy)``: TSD's P-hat-r."""
     return boxes + shift.repeat(1, 2)
+
+
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """Mask of the boxes whose width and height are both at least ``min_size``: torchvision's
+    ``remove_small_boxes`` as a mask, so that a caller can join it to its other tests and select
+    once (each selection is a host sync on a GPU)."""
+    return (box_wh(boxes) >= min_size).all(dim=1)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, nms
 
+from tsd_model.boxes import large_enough
 from tsd_model.config import TestConfig
 
 # candidates per NMS call in ``top_class_nms``: an NMS of n boxes builds an n x n/64-word mask, 3 MB
@@ -132,9 +133,8 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, image_size: tuple[int,
     labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand(len(scores), -1)
     boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
     labels = labels.reshape(-1)
-    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     # one selection (one host sync), not one for the scores and one for the sizes
-    idx = torch.nonzero((scores > cfg.score_thresh) & (width >= MIN_BOX_SIZE) & (height >= MIN_BOX_SIZE)).flatten()
+    idx = torch.nonzero((scores > cfg.score_thresh) & large_enough(boxes, MIN_BOX_SIZE)).flatten()
     boxes, scores, labels = boxes[idx], scores[idx], labels[idx]
     keep, kept_scores, kept_boxes = class_aware_nms(boxes, scores, labels, cfg)
     n = cfg.max_detections

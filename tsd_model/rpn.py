@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
+from tsd_model.boxes import large_enough
 from tsd_model.roi_sampling import RoISampler
 
 
@@ -84,8 +85,7 @@ class PerImageLossRPN(RegionProposalNetwork):
         kept_boxes, kept_scores = [], []
         for boxes, score, lvl, shape in zip(candidates, scores, levels, image_shapes, strict=True):
             boxes = clip_boxes_to_image(boxes, shape)
-            width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-            keep = torch.where((width >= self.min_size) & (height >= self.min_size) & (score >= self.score_thresh))[0]
+            keep = torch.where(large_enough(boxes, self.min_size) & (score >= self.score_thresh))[0]
             boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
             keep = batched_nms(boxes, score, lvl, self.nms_thresh)[: self.post_nms_top_n()]
             kept_boxes.append(boxes[keep])
